@@ -1,0 +1,27 @@
+# Two commands do all set-up on a fresh machine (see README):
+#   make train   - create .venv, install, fetch the default model, run the default LoRA training
+#   make test    - create .venv, install, fetch the default model, run the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup train test bench
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m llama_e_jax.default_model
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+train: setup
+	$(PY) -m llama_e_jax.train $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q tests $(ARGS)
+
+bench: setup
+	$(PY) -m bench.run_all $(ARGS)
