@@ -355,6 +355,18 @@ def _check_expected_lora(found: LoraConfig, expected: LoraConfig, source: str) -
                     source, found.alpha, found.dropout, expected.alpha, expected.dropout)
 
 
+def load_any_adapter(
+    directory: str | Path, model_config: LlamaConfig, expected: LoraConfig | None = None
+) -> tuple[Adapter, LoraConfig]:
+    """Our format or PEFT's, told apart by adapter_config.json (`format` vs `peft_type`)."""
+    config_path = Path(directory) / NATIVE_CONFIG
+    if not config_path.is_file():
+        raise AdapterError(f"{directory}: no {NATIVE_CONFIG}; expected an adapter directory")
+    if "peft_type" in json.loads(config_path.read_text()):
+        return import_peft(directory, model_config, expected)
+    return load_adapter(directory, model_config, expected)
+
+
 # ===================================================================================== PEFT interop
 #
 # PEFT (HF) stores one [r, in] `lora_A.weight` and one [out, r] `lora_B.weight` per layer and
