@@ -187,7 +187,7 @@ class LlamaConfig:
             "pad_token_id": self.pad_token_id,
             "attention_bias": False,
             "mlp_bias": False,
-            "torch_dtype": self.param_dtype,
+            "dtype": self.param_dtype,
         }
 
 
