@@ -31,7 +31,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import logging
 import math
 import pickle
 import re
@@ -46,8 +45,6 @@ import ml_dtypes
 import numpy as np
 
 from llama_e_jax.config import LlamaConfig
-
-log = logging.getLogger(__name__)
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -340,19 +337,18 @@ def load_adapter(
 
 
 def _check_expected_lora(found: LoraConfig, expected: LoraConfig, source: str) -> None:
-    """Rank and the set of adapted projections must agree; alpha/dropout may differ (warned)."""
+    """Rank, alpha and the set of adapted projections must agree (dropout only matters in training)."""
     problems = []
     if found.rank != expected.rank:
         problems.append(f"rank: adapter has r={found.rank}, config has r={expected.rank}")
+    if found.alpha != expected.alpha:
+        problems.append(f"alpha: adapter has {found.alpha}, config has {expected.alpha}")
     found_paths = [p for p in PROJECTIONS if found.targets_path(p)]
     expected_paths = [p for p in PROJECTIONS if expected.targets_path(p)]
     if found_paths != expected_paths:
         problems.append(f"targets: adapter adapts {found_paths}, config adapts {expected_paths}")
     if problems:
         raise AdapterError(f"{source}: adapter does not match the LoRA config: " + "; ".join(problems))
-    if (found.alpha, found.dropout) != (expected.alpha, expected.dropout):
-        log.warning("%s: adapter alpha/dropout (%s, %s) differ from the config's (%s, %s); using the adapter's",
-                    source, found.alpha, found.dropout, expected.alpha, expected.dropout)
 
 
 def load_any_adapter(
@@ -380,10 +376,14 @@ _PEFT_NAME = re.compile(
     r"^base_model\.model\.model\.layers\.(?P<layer>\d+)\.(?P<group>self_attn|mlp)\.(?P<name>\w+_proj)"
     r"\.lora_(?P<leaf>[AB])(?:\.[\w-]+)?\.weight$"
 )
-_PEFT_UNSUPPORTED = {  # field → value meaning "off"
+# adapter_config.json fields that change the maths when set, with their "off" value. Export writes
+# these (older peft versions know them all); import refuses any that is on, plus the newer ones below.
+_PEFT_OFF = {
     "use_rslora": False, "use_dora": False, "fan_in_fan_out": False, "modules_to_save": None,
     "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}, "bias": "none",
 }
+_PEFT_OFF_NEWER = {"lora_bias": False, "layer_replication": None, "trainable_token_indices": None,
+                   "alora_invocation_tokens": None, "use_qalora": False, "target_parameters": None}
 
 
 def peft_tensor_name(path: str, layer: int, leaf: str) -> str:
@@ -422,7 +422,7 @@ def export_peft(
         "target_modules": sorted({path.split("/")[1] for path in flat}),
         "inference_mode": True,
         "init_lora_weights": True,
-        **_PEFT_UNSUPPORTED,
+        **_PEFT_OFF,
     }
     (out / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
     return out
@@ -457,15 +457,19 @@ def import_peft(
 def _lora_config_from_peft(peft_config: dict[str, Any], source: str) -> LoraConfig:
     if peft_config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{source}: field peft_type={peft_config.get('peft_type')!r}, only 'LORA' is supported")
-    for field, off in _PEFT_UNSUPPORTED.items():
+    for field, off in {**_PEFT_OFF, **_PEFT_OFF_NEWER}.items():
         value = peft_config.get(field, off)
-        if value != off and not (off is None and value in ([], {})) and not (off == {} and value is None):
+        if value != off and not (_is_empty(off) and _is_empty(value)):
             raise AdapterError(f"{source}: field {field}={value!r} is not supported (only {off!r})")
     for field in ("r", "lora_alpha"):
         if field not in peft_config:
             raise AdapterError(f"{source}: missing field {field!r}")
     return LoraConfig(rank=int(peft_config["r"]), alpha=float(peft_config["lora_alpha"]),
                       dropout=float(peft_config.get("lora_dropout", 0.0)))
+
+
+def _is_empty(value: Any) -> bool:
+    return value is None or value == [] or value == {}
 
 
 def _read_peft_tensors(directory: Path) -> tuple[dict[str, np.ndarray], str]:

@@ -1,0 +1,471 @@
+"""`python -m llama_e_jax.aot`: will this training config fit on that TPU slice, and how fast could it be?
+
+    python -m llama_e_jax.aot --config configs/default.py --topology v5e:2x4
+    python -m llama_e_jax.aot --config configs/llama_30b_lora.py --topology v5e-16 --decode \\
+        --config.data.seq_len=2048 --config.train.batch_size=16
+
+Any `--config` recipe and `--config.*` override of `python -m llama_e_jax.train` works; the model
+shape comes from `model.preset` (no weights are read, so `model.path` may be left empty).
+
+Renting a pod to find out that a 30B LoRA run needs 17 GiB per 16 GiB chip is expensive. XLA can
+compile for a TPU it does not have: `jax.experimental.topologies` describes a named slice (libtpu
+from PyPI provides the compiler), and `jit(...).lower(<abstract, sharded args>).compile()` runs the
+real TPU compiler — the same partitioning, fusion and buffer assignment a TPU VM would do — on this
+CPU. No array is ever allocated, so a 30B model costs nothing but compile time. From the compiled
+executable we read, per device:
+
+* memory (`memory_analysis`): arguments (base params, train state, batch), outputs that are not
+  donated in place, temporaries (activations, gradients, collectives' buffers) and code; their sum
+  against the chip's HBM decides "fits". When it does not fit, the TPU compiler refuses and says by
+  how much; we report that instead of failing.
+* cost (`cost_analysis`): FLOPs and HBM bytes the step executes on one device. XLA counts a loop
+  body once, so the layer scan is corrected with two small probes (`loop_corrected_cost`). The
+  FLOPs at the chip's peak bf16 rate give the implied step time, a lower bound (real steps reach
+  perhaps 40–60 % of peak); the bytes at full HBM bandwidth are shown beside it as a hint of
+  memory-boundness (XLA's byte count is generous, so it is not folded into the step time).
+
+Compiling a 7B-30B step takes a few minutes of one CPU core (the probes add two small compiles).
+
+The step compiled is the real one: train_state.Trainer's jitted step with the recipe's model, LoRA, optimizer,
+gradient accumulation and mesh, and the sharding rules of sharding.py — not a model of it. `--decode`
+also compiles one KV-cache decode step (model.py with a full-length cache, adapter merged).
+
+libtpu pins jax exactly, so this runs from its own environment (see docs/tpu.md):
+
+    python3.11 -m venv .venv-tpu && .venv-tpu/bin/pip install -e '.[tpu]'
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_e_jax import sharding
+from llama_e_jax.config import LlamaConfig
+
+GIB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """Public per-chip figures (cloud.google.com/tpu/docs/system-architecture-tpu-vm, per version page)."""
+
+    name: str
+    hbm_bytes: int
+    bf16_flops: float  # peak dense bf16 matmul FLOP/s
+    hbm_bandwidth: float  # bytes/s
+
+
+CHIPS = {
+    "v4": Chip("TPU v4", 32 * GIB, 275e12, 1228e9),
+    "v5e": Chip("TPU v5e", 16 * GIB, 197e12, 819e9),
+    "v5p": Chip("TPU v5p", 95 * GIB, 459e12, 2765e9),
+    "v6e": Chip("TPU v6e", 32 * GIB, 918e12, 1640e9),
+}
+# Cloud accelerator names → topology names. v4/v5p names count TensorCores (2 per chip), v5e/v6e chips.
+NAMED_SLICES = {
+    "v4-8": "v4:2x2x1", "v4-16": "v4:2x2x2", "v4-32": "v4:2x2x4",
+    "v5e-4": "v5e:2x2", "v5e-8": "v5e:2x4", "v5e-16": "v5e:4x4", "v5e-32": "v5e:4x8", "v5e-64": "v5e:8x8",
+    "v5p-8": "v5p:2x2x1", "v5p-16": "v5p:2x2x2", "v5p-32": "v5p:2x2x4",
+    "v6e-4": "v6e:2x2", "v6e-8": "v6e:2x4", "v6e-16": "v6e:4x4",
+}
+
+
+class FitError(ValueError):
+    """A topology or config the fit check cannot handle (the message says which and why)."""
+
+
+@dataclasses.dataclass
+class StepReport:
+    """What the compiler says about one step on one device of the slice (bytes, FLOPs, seconds)."""
+
+    step: str  # "train" or "decode"
+    topology: str
+    chips: int
+    mesh: dict[str, int]
+    hbm_bytes: int
+    fits: bool
+    total_bytes: int  # arguments + non-aliased outputs + temporaries + code (or the compiler's OOM figure)
+    argument_bytes: int = 0
+    output_bytes: int = 0
+    temp_bytes: int = 0
+    code_bytes: int = 0
+    flops: float = 0.0
+    bytes_accessed: float = 0.0
+    compute_time_s: float = 0.0  # flops / peak FLOP/s
+    memory_time_s: float = 0.0  # bytes accessed / HBM bandwidth
+    tokens: int = 0  # tokens processed per step (whole slice)
+    compiler_message: str = ""  # the TPU compiler's out-of-memory message when it does not fit
+
+    @property
+    def step_time_s(self) -> float:
+        """The implied step time: the compiler's FLOPs at the chip's peak (a lower bound).
+
+        `memory_time_s` (XLA's count of HBM bytes at full bandwidth) is reported beside it, not
+        folded in: XLA counts every fused op's operands as HBM traffic, an over-estimate on TPU.
+        """
+        return self.compute_time_s
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "step_time_s": self.step_time_s}
+
+
+# ----------------------------------------------------------------------------- topology
+
+
+def resolve_topology(name: str) -> tuple[str, Chip]:
+    """'v5e-8' or 'v5e:2x4' → ('v5e:2x4', the v5e chip)."""
+    topology = NAMED_SLICES.get(name, name)
+    version = topology.split(":", 1)[0]
+    if ":" not in topology or version not in CHIPS:
+        raise FitError(f"--topology {name!r}: expected <version>:<shape> with version in {sorted(CHIPS)} "
+                       f"(e.g. v5e:2x4) or a slice name in {sorted(NAMED_SLICES)}")
+    return topology, CHIPS[version]
+
+
+def use_cpu_host() -> None:
+    """This is a CPU-side tool: keep JAX off any local TPU and stop libtpu probing for TPU hosts.
+
+    Only compiles, so several fit checks (or one next to a training run) may load libtpu at once.
+    Effective before JAX starts its backends (the CLI calls it first thing)."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def topology_devices(topology: str) -> list[Any]:
+    """Abstract TPU devices of a named topology (needs libtpu; no TPU required)."""
+    from jax.experimental import topologies
+
+    use_cpu_host()
+    # v4 chips have two TensorCores; JAX on a v4 VM drives them as one "megacore" device per chip.
+    options = {"chip_config_name": "megacore"} if topology.startswith("v4:") else {}
+    try:
+        return list(topologies.get_topology_desc(topology_name=topology, platform="tpu", **options).devices)
+    except Exception as error:  # libtpu missing, or a shape libtpu does not know
+        raise FitError(f"topology {topology!r}: cannot describe it ({type(error).__name__}: {error}); "
+                       "is libtpu installed? (pip install -e '.[tpu]' in a separate venv)") from error
+
+
+# ----------------------------------------------------------------------------- the model of a recipe
+
+
+def model_config_of(config: Any) -> LlamaConfig:
+    """The model shapes and dtypes a recipe trains, without loading any weights."""
+    model = config.model
+    overrides = dict(param_dtype=model.param_dtype, dtype=model.dtype, remat_policy=model.remat_policy)
+    if model.preset:  # the recipe names the shape (train.py checks the checkpoint against it)
+        return LlamaConfig.from_preset(model.preset, **overrides)
+    if model.source == "default":
+        return LlamaConfig.from_preset("smollm2_135m", **overrides)
+    if model.source == "hf":
+        return LlamaConfig.from_hf_dir(model.path, **overrides)
+    import gguf  # source "gguf": read the header only
+
+    from llama_e_jax.weights import gguf_config
+
+    return gguf_config(gguf.GGUFReader(model.path), model.path).replace(**overrides)
+
+
+def parse_recipe(recipe_args: Sequence[str]) -> Any:
+    """The training config, as `python -m llama_e_jax.train` would parse it.
+
+    A recipe for real weights (model.source hf/gguf) needs model.path to train, but the fit check
+    reads no weights — only the shape its model.preset names — so a missing path is not an error here.
+    """
+    from llama_e_jax.train import ConfigError, parse_args
+
+    try:
+        return parse_args(recipe_args)
+    except ConfigError as error:
+        if "model.path: required" not in str(error):
+            raise
+        return parse_args([*recipe_args, "--config.model.source=random"])
+
+
+def _with_shardings(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), tree, shardings)
+
+
+def abstract_base(model_config: LlamaConfig, mesh: jax.sharding.Mesh) -> Any:
+    """ShapeDtypeStructs of the base params, sharded as the rules say."""
+    from llama_e_jax.model import Llama
+
+    shapes = jax.eval_shape(lambda: Llama(model_config).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"])
+    return _with_shardings(shapes, sharding.param_shardings(shapes, mesh))
+
+
+def _abstract_batch(mesh, rows: int, micro_batches: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+    batch_sharding = sharding.batch_sharding(mesh)
+    dtypes = {"input_ids": jnp.int32, "targets": jnp.int32, "positions": jnp.int32, "segment_ids": jnp.int32,
+              "loss_mask": jnp.float32}
+    return {name: jax.ShapeDtypeStruct((rows, micro_batches, seq_len), dtype, sharding=batch_sharding)
+            for name, dtype in dtypes.items()}
+
+
+# ----------------------------------------------------------------------------- compiling
+
+
+def compile_train_step(config: Any, model_config: LlamaConfig, mesh: jax.sharding.Mesh):
+    """The recipe's real train step (train_state.Trainer's jitted step), lowered on abstract sharded
+    arguments and compiled for `mesh`."""
+    from llama_e_jax.train import lora_config_of
+    from llama_e_jax.train_state import Trainer, make_optimizer
+
+    optimizer, schedule = make_optimizer(config.optim, max(int(config.train.steps), 1))
+    trainer = Trainer(model_config, lora_config_of(config), optimizer, schedule, mesh)
+    batch = _abstract_batch(mesh, config.train.batch_size, config.train.grad_accum_steps, config.data.seq_len)
+    learning_rate = jax.ShapeDtypeStruct((), jnp.float32)
+    # Trainer.step runs `_step` (the one jit of the step); lowering it directly compiles exactly that.
+    lowered = trainer._step.lower(trainer.abstract_state(), abstract_base(model_config, mesh), batch, learning_rate)
+    return lowered.compile()
+
+
+def compile_decode_step(model_config: LlamaConfig, mesh: jax.sharding.Mesh, batch_size: int, max_length: int):
+    """One KV-cache decode step ([B, 1] tokens, cache [L, B, S, K, Dh]); the adapter is merged, so no LoRA."""
+    from llama_e_jax.model import KVCache, Llama
+
+    model = Llama(model_config)
+    cache_shapes = jax.eval_shape(lambda: KVCache.zeros(model_config, batch_size, max_length))
+    cache = _with_shardings(cache_shapes, sharding.param_shardings(cache_shapes, mesh))
+    tokens = jax.ShapeDtypeStruct((batch_size, 1), jnp.int32, sharding=sharding.batch_sharding(mesh))
+
+    def decode(base, cache, tokens):
+        logits, cache = model.apply({"params": base}, tokens, kv_cache=cache)
+        return jnp.argmax(logits[:, -1], axis=-1), cache
+
+    step = jax.jit(decode, out_shardings=(None, jax.tree.map(lambda x: x.sharding, cache)), donate_argnums=1)
+    return step.lower(abstract_base(model_config, mesh), cache, tokens).compile()
+
+
+# The TPU compiler's out-of-memory messages, e.g. "Used 20.50G of 15.75G hbm" or "the total memory
+# required for HLO temporaries (1.09T) exceeds available HBM (15.75G)".
+_OOM_PATTERNS = (
+    re.compile(r"Used ([\d.]+)([KMGT]?)i?B? of [\d.]+[KMGT]?i?B? hbm", re.IGNORECASE),
+    re.compile(r"required for [\w ]+ \(([\d.]+)([KMGT]?)i?B?\) exceeds available HBM", re.IGNORECASE),
+)
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def parse_oom(message: str) -> int | None:
+    """Bytes the compiler wanted (at least), from its out-of-memory message; None if it is not one."""
+    for pattern in _OOM_PATTERNS:
+        match = pattern.search(message)
+        if match:
+            return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    return None
+
+
+def memory_fields(compiled: Any, chip: Chip) -> dict[str, Any]:
+    """Per-device memory of a compiled step, from XLA's buffer assignment."""
+    memory = compiled.memory_analysis()
+    outputs = max(memory.output_size_in_bytes - memory.alias_size_in_bytes, 0)  # donated outputs reuse inputs
+    total = memory.argument_size_in_bytes + outputs + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes
+    return dict(fits=total <= chip.hbm_bytes, total_bytes=int(total), argument_bytes=int(memory.argument_size_in_bytes),
+                output_bytes=int(outputs), temp_bytes=int(memory.temp_size_in_bytes),
+                code_bytes=int(memory.generated_code_size_in_bytes))
+
+
+def _cost(compiled: Any) -> np.ndarray:  # [flops, bytes accessed] per device
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return np.array([float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))])
+
+
+@contextlib.contextmanager
+def _layers_unrolled():
+    """Traces model.py's layer `nn.scan` fully unrolled (straight-line HLO), for the cost probes only."""
+    original = nn.scan
+
+    def unrolled_scan(target, *args, length=None, **kwargs):
+        return original(target, *args, length=length, unroll=length or 1, **kwargs)
+
+    nn.scan = unrolled_scan
+    try:
+        yield
+    finally:
+        nn.scan = original
+
+
+def outside_cost(compile_for: Any, model_config: LlamaConfig) -> np.ndarray:
+    """[flops, bytes] of everything but the layers (embeddings, head, loss, optimizer), per device.
+
+    Two small loop-free probes, the step with 1 and 2 layers unrolled and no remat, give
+    outside = 2·C(1) - C(2).
+    """
+    probe = lambda layers: _cost(compile_for(model_config.replace(num_layers=layers, remat_policy="none")))
+    with _layers_unrolled():
+        one, two = probe(1), probe(2)
+    return np.maximum(2 * one - two, 0.0)
+
+
+def loop_corrected_cost(compiled: Any, outside: Any, num_layers: int, repeats: int = 1) -> np.ndarray:
+    """[flops, bytes accessed] per device for the whole step, although XLA counts a loop body once.
+
+    The layers run in a `scan` (a while loop), and XLA's cost analysis counts a loop body once
+    whatever its trip count: the executable's cost is outside + one layer body. With `outside()`
+    (see `outside_cost`), one layer body as compiled (remat included) is C_real - outside, and the
+    step is outside + L·(C_real - outside). `repeats` multiplies for the gradient-accumulation loop,
+    which the probes run once.
+    """
+    real = _cost(compiled)
+    if " while(" not in compiled.as_text():
+        return real * repeats
+    outside_part = outside()
+    return (outside_part + num_layers * np.maximum(real - outside_part, 0.0)) * repeats
+
+
+def check(config: Any, topology_name: str, decode: bool = False, decode_batch: int = 8,
+          decode_length: int | None = None, probe_cache: dict | None = None) -> list[StepReport]:
+    """Compiles the recipe's train step (and a decode step) for a TPU topology; one report per step.
+
+    `probe_cache` (optional, shared across calls) reuses the outside-the-layers cost probes of
+    `outside_cost` between topologies with the same per-device work (model, rows per batch shard,
+    sequence length, tensor size): FLOPs and bytes of the same per-device program do not depend on
+    how many chips there are. The fit-table generator uses it to halve its compile time.
+    """
+    topology, chip = resolve_topology(topology_name)
+    devices = topology_devices(topology)
+    mesh = sharding.make_mesh(sharding.MeshConfig(**config.mesh), devices)
+    sharding.check_batch_size(config.train.batch_size, mesh, "train.batch_size")
+    if decode:
+        sharding.check_batch_size(decode_batch, mesh, "--decode-batch")
+    model_config = model_config_of(config)
+    probe_cache = {} if probe_cache is None else probe_cache
+    common = dict(topology=topology, chips=len(devices), mesh=dict(mesh.shape), hbm_bytes=chip.hbm_bytes)
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    single_micro = config.copy_and_resolve_references()
+    with single_micro.unlocked():
+        single_micro.train.grad_accum_steps = 1
+    accum, seq_len = config.train.grad_accum_steps, config.data.seq_len
+    steps = [StepJob("train", lambda c: compile_train_step(config, c, mesh),
+                     lambda c: compile_train_step(single_micro, c, mesh), accum,
+                     config.train.batch_size * accum * seq_len, (config.train.batch_size // batch_shards, seq_len))]
+    if decode:
+        length = decode_length or seq_len
+        decode_for = lambda c: compile_decode_step(c, mesh, decode_batch, length)
+        steps.append(StepJob("decode", decode_for, decode_for, 1, decode_batch, (decode_batch // batch_shards, length)))
+    reports = []
+    for job in steps:
+        try:
+            compiled = job.compile_real(model_config)
+        except Exception as error:  # the TPU compiler's out-of-memory is an answer, not a crash
+            wanted = parse_oom(str(error))
+            if wanted is None:
+                raise
+            reports.append(StepReport(step=job.step, tokens=job.tokens, **common, fits=False, total_bytes=wanted,
+                                      compiler_message=_first_line(str(error), "HBM")))
+            continue
+        key = (job.step, model_config, job.per_device_shape, mesh.shape["tensor"])
+
+        def outside(job=job, key=key):
+            if key not in probe_cache:
+                probe_cache[key] = outside_cost(job.compile_probe, model_config)
+            return probe_cache[key]
+
+        flops, accessed = loop_corrected_cost(compiled, outside, model_config.num_layers, job.repeats)
+        reports.append(StepReport(step=job.step, tokens=job.tokens, **common, **memory_fields(compiled, chip),
+                                  flops=float(flops), bytes_accessed=float(accessed),
+                                  compute_time_s=flops / chip.bf16_flops, memory_time_s=accessed / chip.hbm_bandwidth))
+    return reports
+
+
+@dataclasses.dataclass(frozen=True)
+class StepJob:
+    """One step to compile: the real executable, the probe variant (one micro-batch), and its size."""
+
+    step: str
+    compile_real: Any  # LlamaConfig -> compiled executable
+    compile_probe: Any
+    repeats: int  # gradient-accumulation micro-batches
+    tokens: int  # tokens per step, whole slice
+    per_device_shape: tuple[int, int]  # (rows per batch shard, sequence/cache length)
+
+
+def _first_line(message: str, containing: str) -> str:
+    lines = message.splitlines()
+    return next((line.strip() for line in lines if containing.lower() in line.lower()), lines[0] if lines else "")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.1f} us"
+
+
+def format_report(report: StepReport) -> str:
+    gib = _size
+    mesh = " ".join(f"{axis}={size}" for axis, size in report.mesh.items())
+    lines = [f"{report.step} step on {report.topology} ({report.chips} chips, mesh {mesh}), per device:"]
+    if report.compiler_message:
+        lines.append(f"  DOES NOT FIT: needs at least {gib(report.total_bytes)} of {gib(report.hbm_bytes)} HBM")
+        lines.append(f"  compiler: {report.compiler_message}")
+        return "\n".join(lines)
+    lines += [
+        f"  memory   arguments {gib(report.argument_bytes)} + outputs {gib(report.output_bytes)} + "
+        f"temporaries {gib(report.temp_bytes)} + code {gib(report.code_bytes)}",
+        f"           = {gib(report.total_bytes)} of {gib(report.hbm_bytes)} HBM -> "
+        f"{'fits' if report.fits else 'DOES NOT FIT'} ({100 * report.total_bytes / report.hbm_bytes:.0f}%)",
+        f"  compute  {report.flops / 1e12:.4g} TFLOP, {gib(report.bytes_accessed)} HBM traffic per step",
+        f"  time     >= {_duration(report.step_time_s)}/step at peak FLOP/s "
+        f"(<= {report.tokens / max(report.step_time_s, 1e-12):,.0f} tokens/s); "
+        f"HBM traffic at full bandwidth {_duration(report.memory_time_s)}",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m llama_e_jax.aot",
+        description="AOT-compile a training recipe for a TPU topology on this CPU and report memory and FLOPs. "
+                    "Other arguments (--config FILE, --config.a.b=value) select the recipe as for llama_e_jax.train.",
+    )
+    parser.add_argument("--topology", required=True, help="e.g. v5e:2x4, v4:2x2x1, or a slice name like v5e-16")
+    parser.add_argument("--decode", action="store_true", help="also compile one KV-cache decode step")
+    parser.add_argument("--decode-batch", type=int, default=8, help="rows decoded together")
+    parser.add_argument("--decode-length", type=int, default=None, help="cache length (default: data.seq_len)")
+    parser.add_argument("--json", default=None, help="also write the reports to this JSON file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    use_cpu_host()
+    from llama_e_jax.train import ConfigError
+
+    args, recipe_args = build_parser().parse_known_args(argv)
+    try:
+        config = parse_recipe(recipe_args)
+        reports = check(config, args.topology, args.decode, args.decode_batch, args.decode_length)
+    except (FitError, ConfigError, sharding.ShardingError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for report in reports:
+        print(format_report(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.to_json() for r in reports], f, indent=2)
+    return 0 if all(r.fits for r in reports) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
