@@ -6,6 +6,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
+TPU_VENV := .venv-tpu
+TPU_STAMP := $(TPU_VENV)/.installed-stamp
+
 .PHONY: setup train test bench
 
 $(STAMP): pyproject.toml
@@ -15,12 +18,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m llama_e_jax.default_model
 	touch $(STAMP)
 
+# The TPU fit-check tests compile for TPU topologies with libtpu, which pins jax: its own venv.
+$(TPU_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(TPU_VENV)
+	$(TPU_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TPU_VENV)/bin/python -m pip install -q -e '.[tpu]'
+	touch $(TPU_STAMP)
+
 setup: $(STAMP)
 
 train: setup
 	$(PY) -m llama_e_jax.train $(ARGS)
 
-test: setup
+test: setup $(TPU_STAMP)
 	$(PY) -m pytest -q tests $(ARGS)
 
 bench: setup

@@ -11,8 +11,9 @@ right-padded here, left-padded with an attention mask for transformers).
 
 Tokens/s = batch x new_tokens / wall time of one whole `generate` call (prefill included,
 compilation excluded: each side first runs the same call once). transformers runs with the torch
-thread count that is faster here (its default and 1 are both tried: on a shared 2-core machine
-OpenMP spinning can make 2 threads slower than 1), and the count is reported.
+thread count that is faster here (its default and 1 are tried on a short batch-1 run first: on a
+shared 2-core machine OpenMP spinning can make 2 threads 10x slower than 1); the count is reported.
+Run it on a quiet machine: both sides are memory-bound on a CPU, and other processes skew both.
 """
 
 from __future__ import annotations
@@ -92,23 +93,26 @@ def run(batch_sizes: tuple[int, ...] = (1, 16), new_tokens: int = 64) -> dict[st
     hf_model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     default_threads = torch.get_num_threads()
 
-    result: dict[str, Any] = {"model": "SmolLM2-135M-Instruct fp32", "new_tokens": new_tokens, "rows": []}
+    # transformers' faster thread count, chosen on a short batch-1 run.
+    probe = {}
+    for threads in sorted({default_threads, 1}):
+        torch.set_num_threads(threads)
+        probe[threads] = measure_transformers(hf_model, tokenizer, prompts(1), 8)
+    hf_threads = min(probe, key=probe.get)
+    torch.set_num_threads(hf_threads)
+
+    result: dict[str, Any] = {"model": "SmolLM2-135M-Instruct fp32", "new_tokens": new_tokens, "rows": [],
+                              "torch_threads": hf_threads, "torch_thread_probe_s": probe}
     for batch in batch_sizes:
         texts = prompts(batch)
         ours_s = measure_ours(generator, texts, new_tokens)
-        hf_times = {}
-        for threads in sorted({default_threads, 1}):
-            torch.set_num_threads(threads)
-            hf_times[threads] = measure_transformers(hf_model, tokenizer, texts, new_tokens)
-        torch.set_num_threads(default_threads)
-        hf_threads = min(hf_times, key=hf_times.get)
-        ours_tps, hf_tps = batch * new_tokens / ours_s, batch * new_tokens / hf_times[hf_threads]
+        hf_s = measure_transformers(hf_model, tokenizer, texts, new_tokens)
+        ours_tps, hf_tps = batch * new_tokens / ours_s, batch * new_tokens / hf_s
         result[f"batch_{batch}"] = {"ours": {"tokens_per_s": ours_tps, "seconds": ours_s},
-                                    "hf_generate": {"tokens_per_s": hf_tps, "seconds": hf_times[hf_threads],
-                                                    "torch_threads": hf_threads,
-                                                    "seconds_by_threads": hf_times}}
+                                    "hf_generate": {"tokens_per_s": hf_tps, "seconds": hf_s, "torch_threads": hf_threads}}
         result["rows"].append({"metric": f"decode tokens/s, batch {batch}", "ours": ours_tps,
                                "alternative": hf_tps, "ratio": ours_tps / hf_tps})
+    torch.set_num_threads(default_threads)
     return result
 
 

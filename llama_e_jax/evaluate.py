@@ -540,7 +540,7 @@ def render_chart(report: dict, path: Path) -> None:
                 axis.bar_label(bars, labels=["–" if _missing(v) else f"{v:.0f}" for v in values], fontsize=6)
             axis.set_xticks(np.arange(len(chosen)) + width * (len(systems) - 1) / 2)
             axis.set_xticklabels([name for _, name in chosen], fontsize=7)
-            axis.set_ylim(0, 100)
+            axis.set_ylim(0, 110)  # room for the value labels above 100 % bars
             axis.set_title(f"{task}\n({view})", fontsize=8)
     axes[0][0].set_ylabel("score (%)")
     axes[0][-1].legend(fontsize=7)

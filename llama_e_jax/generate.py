@@ -26,9 +26,10 @@ Design, and why:
   text and fills free rows. The state is donated, so the cache is updated in place.
 * Layers are unrolled by default: each layer's weights and cache are separate arrays, so a decode
   step reads every weight once and writes only the new key/value row. A `lax.scan` over stacked
-  layers (`layer_loop="scan"`) compiles faster for deep models on CPU, but its per-layer cache
-  slices make XLA copy the cache every step. Both run model.py's own `Block`, so the math is the
-  model's; tests check the result against `Llama.apply` and against transformers.
+  layers (`layer_loop="scan"`) compiles faster, but scanning slices the stacked weights and cache
+  per layer and writes the cache back as the scan's output, which costs copies every step (2.6x
+  slower decode on CPU). Tests check both against `Llama.apply` and greedy output against
+  transformers.
 * Sampling: a sampler from sampling.py, with one value per row, and one PRNG key per row derived
   from (seed, sequence index) and folded with the step number: seeded output does not depend on
   what else shares the batch.
@@ -166,15 +167,18 @@ def split_layers(params: dict) -> dict:
 
     Each slice is a separate array, so a decode step reads it directly (no per-step dynamic slice).
     Sharded leaves keep their sharding minus the layer axis. The caller may drop `params` afterwards.
+    Params whose layers are already a tuple (e.g. drawn layer by layer) are returned as they are.
     """
     layers = params["layers"]
+    if isinstance(layers, tuple):
+        return params
     num_layers = jax.tree.leaves(layers)[0].shape[0]
 
     def layer_slice(x, i):
         part = x[i]
         if isinstance(x, np.ndarray):
             return jnp.asarray(part)
-        if isinstance(x.sharding, jax.sharding.NamedSharding):
+        if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding):
             spec = jax.sharding.PartitionSpec(*tuple(x.sharding.spec)[1:])
             return jax.device_put(part, jax.sharding.NamedSharding(x.sharding.mesh, spec))
         return part
@@ -228,7 +232,8 @@ def _run_layers(weights: dict, h: jax.Array, keys: tuple, values: tuple, body: L
     return h, (stacked_keys,), (stacked_values,)
 
 
-def _block(config: LlamaConfig, h: jax.Array, layer_params: dict, cache_kv, context: AttentionContext):
+def _prefill_block(config: LlamaConfig, h: jax.Array, layer_params: dict, cache_kv, context: AttentionContext):
+    """model.py's Block, unchanged (its cache is the prompt-sized scratch in the model's layout)."""
     return Block(config, None, True).apply({"params": layer_params}, h, cache_kv, context)
 
 
@@ -331,7 +336,7 @@ def _prefill_logits(config: LlamaConfig, weights: dict, state: DecodeState, admi
 
     def body(h, layer_params, layer_keys, layer_values):
         scratch = (jnp.zeros(scratch_shape, layer_keys.dtype), jnp.zeros(scratch_shape, layer_values.dtype))
-        h, (new_keys, new_values) = _block(config, h, layer_params, scratch, context)
+        h, (new_keys, new_values) = _prefill_block(config, h, layer_params, scratch, context)
         # Scratch [b, T, K, Dh] -> rows of the heads-major cache [B, K, S, Dh]; padding rows (index B)
         # are dropped.
         layer_keys = layer_keys.at[admission.rows, :, :prompt_len].set(
@@ -702,6 +707,7 @@ class DecodeSession:
                                generator.eos_ids)
         self.rows: list[Request | None] = [None] * batch_size
         self.queue: collections.deque[Request] = collections.deque()
+        self.rows_in_last_chunk = 0  # sequences that shared the last decode chunk
 
     @property
     def num_free_rows(self) -> int:
@@ -736,7 +742,8 @@ class DecodeSession:
     def step(self) -> None:
         """Admit what fits, decode one chunk, book the tokens, free finished rows."""
         self._admit()
-        if not any(seq is not None for seq in self.rows):
+        self.rows_in_last_chunk = sum(seq is not None for seq in self.rows)
+        if not self.rows_in_last_chunk:
             return
         state, emitted = decode_chunk(self.generator.config, self.generator.weights, self.state, self.chunk_size)
         self.state = state
@@ -831,7 +838,9 @@ class Generator:
             params = lora.merge(params, adapter, lora_config)
         self.config = config
         self.tokenizer = tokenizer
-        self.weights = split_layers(params) if layer_loop == "unroll" else params
+        weights = split_layers(params) if layer_loop == "unroll" else params
+        # Host (numpy) leaves go to the device once here, not with every call.
+        self.weights = jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, weights)
         self.max_batch_size = max_batch_size
         self.max_length = max_length or min(config.max_position_embeddings, 4096)
         self.chunk_size = chunk_size

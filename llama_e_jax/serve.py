@@ -117,15 +117,16 @@ class ChatBody(_GenerationBody):
 
 
 class CompletionBody(_GenerationBody):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]  # text(s) or token ids, as OpenAI's API
     echo: bool = False
 
 
 # Options that would change the output and that this server does not implement: refusing them
 # beats returning something else than what was asked for. (field, value meaning "off")
-_UNSUPPORTED = (("frequency_penalty", 0), ("presence_penalty", 0), ("logit_bias", None), ("logprobs", None),
-                ("logprobs", False), ("top_logprobs", None), ("tools", None), ("functions", None),
-                ("response_format", None), ("best_of", None), ("best_of", 1), ("suffix", None), ("echo", False))
+_UNSUPPORTED = (("frequency_penalty", 0), ("presence_penalty", 0), ("logit_bias", None), ("logit_bias", {}),
+                ("logprobs", None), ("logprobs", False), ("top_logprobs", None), ("tools", None),
+                ("functions", None), ("response_format", None), ("response_format", {"type": "text"}),
+                ("best_of", None), ("best_of", 1), ("suffix", None), ("echo", False))
 
 
 def _parse(body_type: type[_Strict], raw: bytes) -> Any:
@@ -222,7 +223,7 @@ class BatchingEngine:
             try:
                 self.session.step()
                 self.steps += 1
-                self.max_rows_in_use = max(self.max_rows_in_use, self.max_batch_size - self.session.num_free_rows)
+                self.max_rows_in_use = max(self.max_rows_in_use, self.session.rows_in_last_chunk)
             except Exception:  # noqa: BLE001 - a failed step must not kill the server
                 log.exception("decode step failed; failing the requests in flight and starting a new session")
                 self._fail_in_flight()
@@ -328,10 +329,7 @@ def create_app(engine: BatchingEngine, *, model_name: str, api_key: str | None =
     async def completions(request: HttpRequest):
         body = _parse(CompletionBody, await request.body())
         _check_model(served, body.model)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not prompts:
-            raise ApiError(400, "prompt: at least one prompt is needed", param="prompt")
-        prompt_ids = [_encode(served, text, "prompt") for text in prompts]
+        prompt_ids = _completion_prompts(served, body.prompt)
         max_tokens = body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
         return await _respond(served, body, prompt_ids, max_tokens, kind="text_completion")
 
@@ -388,8 +386,25 @@ def _chat_prompt(served: _Served, body: ChatBody) -> str:
         raise ApiError(400, f"messages: the chat template refused them: {error}", param="messages") from None
 
 
-def _encode(served: _Served, text: str, param: str) -> list[int]:
-    ids = served.generator.encode_prompt(text)
+def _completion_prompts(served: _Served, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+    """Token ids of each prompt; /v1/completions takes text, texts, token ids or lists of token ids."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise ApiError(400, "prompt: at least one prompt is needed", param="prompt")
+    if isinstance(prompt[0], int):
+        prompt = [prompt]  # one prompt given as token ids
+    return [_encode(served, p, "prompt") for p in prompt]  # type: ignore[arg-type]
+
+
+def _encode(served: _Served, text: str | list[int], param: str) -> list[int]:
+    if isinstance(text, str):
+        ids = served.generator.encode_prompt(text)
+    else:
+        vocab = served.generator.config.vocab_size
+        ids = list(text)
+        if any(not 0 <= i < vocab for i in ids):
+            raise ApiError(400, f"{param}: token ids must be in [0, {vocab})", param=param)
     limit = served.engine.max_length
     if not ids:
         raise ApiError(400, f"{param}: the prompt is empty", param=param)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import functools
 import importlib.util
 import logging
 import math
@@ -275,10 +276,15 @@ def _check_preset(preset: str, config: LlamaConfig, source: str) -> None:
 
 
 def _random_params(config: LlamaConfig, seed: int) -> Any:
+    return _random_init(config)(jax.random.key(seed))
+
+
+@functools.lru_cache(maxsize=4)
+def _random_init(config: LlamaConfig) -> Callable[[jax.Array], Any]:
+    """The jitted init of a random base model (cached: test runs build the same one many times)."""
     from llama_e_jax.model import Llama
 
-    init = jax.jit(lambda rng: Llama(config).init(rng, np.zeros((1, 2), np.int32))["params"])
-    return init(jax.random.key(seed))
+    return jax.jit(lambda rng: Llama(config).init(rng, np.zeros((1, 2), np.int32))["params"])
 
 
 def _load_hf_sharded(path: Path, config: LlamaConfig, mesh) -> Any:

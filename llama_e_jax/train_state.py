@@ -35,7 +35,8 @@ Design choices, and why:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.struct
@@ -106,13 +107,19 @@ def make_optimizer(optim: Any, total_steps: int) -> tuple[optax.GradientTransfor
     max_grad_norm (0 disables clipping). Returns (direction, schedule): `direction` is optax.adamw
     up to its learning-rate scaling, which the step applies (see the module docstring).
     """
-    clip = optax.clip_by_global_norm(float(optim.max_grad_norm)) if optim.max_grad_norm else optax.identity()
-    direction = optax.chain(
-        clip,
-        optax.scale_by_adam(b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.eps)),
-        optax.add_decayed_weights(float(optim.weight_decay), mask=decay_mask),
-    )
+    direction = adamw_direction(float(optim.b1), float(optim.b2), float(optim.eps), float(optim.weight_decay),
+                                float(optim.max_grad_norm))
     return direction, learning_rate_schedule(optim, total_steps)
+
+
+@functools.lru_cache(maxsize=None)
+def adamw_direction(b1: float, b2: float, eps: float, weight_decay: float,
+                    max_grad_norm: float) -> optax.GradientTransformation:
+    """Clip → Adam → decoupled weight decay. Cached: equal settings give the same object, so Trainers
+    built from equal recipes share compiled steps (see `_compiled_steps`)."""
+    clip = optax.clip_by_global_norm(max_grad_norm) if max_grad_norm else optax.identity()
+    return optax.chain(clip, optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+                       optax.add_decayed_weights(weight_decay, mask=decay_mask))
 
 
 # ------------------------------------------------------------------------------------------ loss
@@ -200,25 +207,12 @@ class Trainer:
         self.model_config, self.lora_config, self.mesh = model_config, lora_config, mesh
         self.model = Llama(model_config, lora_config)
         self.optimizer, self.schedule = optimizer, schedule
-        self.state_shardings = sharding.param_shardings(jax.eval_shape(self._init, jax.random.PRNGKey(0)), mesh,
-                                                        STATE_RULES)
-        self._step = jax.jit(
-            lambda state, base, batch, learning_rate: train_step(self.model, optimizer, state, base, batch,
-                                                                 learning_rate),
-            out_shardings=(self.state_shardings, None),
-            donate_argnums=0,
-        )
-        self._eval = jax.jit(lambda adapter, base, batch: eval_step(self.model, adapter, base, batch))
-
-    def _init(self, rng: jax.Array) -> TrainState:
-        adapter_rng, train_rng = jax.random.split(rng)
-        adapter = init_adapter(self.model_config, self.lora_config, adapter_rng)
-        return TrainState(step=jnp.zeros((), jnp.int32), adapter=adapter,
-                          opt_state=self.optimizer.init(adapter), rng=train_rng)
+        compiled = _compiled_steps(model_config, lora_config, optimizer, mesh)
+        self.state_shardings, self._init, self._step, self._eval = compiled
 
     def init(self, rng: jax.Array) -> TrainState:
         """A fresh state (B = 0, so step 0 is the base model), born sharded. rng: raw [2] uint32 key."""
-        return jax.jit(self._init, out_shardings=self.state_shardings)(rng)
+        return self._init(rng)
 
     def abstract_state(self) -> TrainState:
         """ShapeDtypeStructs with shardings: the restore target for checkpoints."""
@@ -249,6 +243,32 @@ class Trainer:
 
     def eval(self, adapter: Adapter, base: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
         return self._eval(adapter, base, batch)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_steps(model_config: LlamaConfig, lora_config: LoraConfig, optimizer: optax.GradientTransformation,
+                    mesh: Mesh) -> tuple[Any, Callable, Callable, Callable]:
+    """(state shardings, jitted init, jitted train step, jitted eval step) for one model/LoRA/optimizer/mesh.
+
+    Cached so that Trainers of the same recipe (a resumed run in the same process, tests, the
+    benchmark) reuse the traced and compiled functions instead of tracing them again.
+    """
+    model = Llama(model_config, lora_config)
+
+    def init(rng: jax.Array) -> TrainState:
+        adapter_rng, train_rng = jax.random.split(rng)
+        adapter = init_adapter(model_config, lora_config, adapter_rng)
+        return TrainState(step=jnp.zeros((), jnp.int32), adapter=adapter, opt_state=optimizer.init(adapter),
+                          rng=train_rng)
+
+    state_shardings = sharding.param_shardings(jax.eval_shape(init, jax.random.PRNGKey(0)), mesh, STATE_RULES)
+    step = jax.jit(
+        lambda state, base, batch, learning_rate: train_step(model, optimizer, state, base, batch, learning_rate),
+        out_shardings=(state_shardings, None),
+        donate_argnums=0,
+    )
+    evaluate = jax.jit(lambda adapter, base, batch: eval_step(model, adapter, base, batch))
+    return state_shardings, jax.jit(init, out_shardings=state_shardings), step, evaluate
 
 
 def perplexity(mean_loss: float) -> float:

@@ -12,7 +12,6 @@ import json
 import time
 
 import httpx
-import numpy as np
 import pytest
 
 from llama_e_jax import generate as G
@@ -105,6 +104,9 @@ def test_completion_with_stop_n_and_seed(server, client):
                                       stop=[stop])
     assert reply.choices[0].text == greedy.text[:greedy.text.find(stop)]
     assert reply.choices[0].finish_reason == "stop"
+    by_ids = client.completions.create(model=MODEL, prompt=generator.encode_prompt("Once upon a time"),
+                                       max_tokens=16, temperature=0)  # a prompt given as token ids
+    assert by_ids.choices[0].text == greedy.text and by_ids.usage.completion_tokens == greedy.completion_tokens
 
     sampled = dict(model=MODEL, prompt=["Once upon a time", "In a shop"], max_tokens=8, n=2, temperature=1.0,
                    top_p=0.9, seed=11)
@@ -164,6 +166,7 @@ def _post(thread, path: str, content: bytes | None = None, *, key: str | None = 
     ("/completions", b'{"model": "llama-e-tiny", "prompt": "x", "temperature": 5}', API_KEY, 400, "temperature"),
     ("/chat/completions", b'{"model": "llama-e-tiny", "messages": "hi"}', API_KEY, 400, "messages"),
     ("/completions", b'{"model": "llama-e-tiny", "prompt": "x", "logprobs": 3}', API_KEY, 400, "logprobs"),
+    ("/completions", b'{"model": "llama-e-tiny", "prompt": [5, 99999999]}', API_KEY, 400, "prompt"),
     ("/completions", json.dumps({"model": MODEL, "prompt": "word " * MAX_CONTEXT}).encode(), API_KEY, 400, "prompt"),
     ("/completions", b'{"model": "llama-e-tiny", "prompt": "x"}', None, 401, None),
     ("/completions", b'{"model": "llama-e-tiny", "prompt": "x"}', "wrong-key", 401, None),

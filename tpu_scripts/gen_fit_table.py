@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -60,6 +62,23 @@ def run_row(model: str, seq_len: int, rows_per_chip: int, slice_name: str, probe
     report = aot.check(config, slice_name, probe_cache=probe_cache)[0]
     return {**report.to_json(), "model": model, "seq_len": seq_len, "batch_size": rows_per_chip * chips,
             "slice": slice_name, "compile_s": round(time.perf_counter() - started, 1)}
+
+
+class SavedProbes(dict):
+    """aot.check's probe cache, kept in the JSON (under "_probes") so a resumed run reuses it."""
+
+    def __init__(self, saved: dict[str, list[float]]):
+        super().__init__()
+        self.saved = saved
+
+    def __contains__(self, key) -> bool:
+        return repr(key) in self.saved
+
+    def __getitem__(self, key):
+        return np.array(self.saved[repr(key)])
+
+    def __setitem__(self, key, value) -> None:
+        self.saved[repr(key)] = [float(v) for v in value]
 
 
 def render(results: dict[str, dict]) -> str:
@@ -116,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render-only", action="store_true", help="rewrite the markdown from the JSON")
     args = parser.parse_args(argv)
     results = json.loads(JSON_PATH.read_text()) if JSON_PATH.is_file() else {}
-    probe_cache: dict = {}
+    probe_cache = SavedProbes(results.setdefault("_probes", {}))
     for model, seq_len, rows, slice_name in ([] if args.render_only else rows_in_priority_order()):
         key = row_key(model, seq_len, rows, slice_name)
         if args.only not in key or (key in results and not args.force):
@@ -127,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         JSON_PATH.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
         MD_PATH.write_text(render(results))
     MD_PATH.write_text(render(results))
-    print(f"wrote {MD_PATH} ({len(results)} rows)")
+    print(f"wrote {MD_PATH} ({len(results) - 1} rows)")
     return 0
 
 
