@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default="1,16")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=2, help="timed generate calls per batch size (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed generate calls per batch size (median)")
     parser.add_argument("--layer-loop", default="unroll", choices=("unroll", "scan"))
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--budget-s", type=float, default=160, help="total time; transformers gets what is left")

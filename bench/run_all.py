@@ -229,11 +229,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
         return str(value)
 
-    header = f"| {'benchmark':<9} | {'metric':<36} | {'ours':>12} | {'alternative':>12} | {'ours/alt':>8} |"
-    lines = [header, "|-----------|--------------------------------------|--------------|--------------|----------|"]
+    width = max([len("metric")] + [len(str(row["metric"])) for row in rows])
+    header = f"| {'benchmark':<9} | {'metric':<{width}} | {'ours':>12} | {'alternative':>12} | {'ours/alt':>8} |"
+    lines = [header, f"|{'-' * 11}|{'-' * (width + 2)}|{'-' * 14}|{'-' * 14}|{'-' * 10}|"]
     for row in rows:
         ratio = f"{row['ratio']:.2f}x" if isinstance(row.get("ratio"), float) else show(row.get("ratio", ""))
-        lines.append(f"| {row['benchmark']:<9} | {row['metric']:<36} | {show(row['ours']):>12} | "
+        lines.append(f"| {row['benchmark']:<9} | {row['metric']:<{width}} | {show(row['ours']):>12} | "
                      f"{show(row['alternative']):>12} | {ratio:>8} |")
     return "\n".join(lines)
 

@@ -951,13 +951,18 @@ def load_generator(
 def _load_adapter(directory: str, config: LlamaConfig):
     from llama_e_jax import lora
 
-    path = Path(directory)
-    if (path / lora.NATIVE_WEIGHTS).is_file():
-        return lora.load_adapter(path, config)
-    return lora.import_peft(path, config)
+    return lora.load_any_adapter(directory, config)  # our format or PEFT's
 
 
 # ============================================================================= CLI
+
+
+def enable_compilation_cache() -> None:
+    """Keeps compiled programs under $LLAMA_E_CACHE/xla, so the next CLI or server start skips compiling."""
+    from llama_e_jax.default_model import cache_dir
+
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def _prompts_from_args(args: argparse.Namespace, tokenizer: Any) -> list[tuple[str, str]]:
@@ -1011,6 +1016,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--layer-loop", default="unroll", choices=("unroll", "scan"),
+                        help="unroll: fastest decoding; scan: compiles faster (one-off runs of deep models)")
     parser.add_argument("--output", help="write JSONL results here instead of printing")
     return parser
 
@@ -1018,10 +1025,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    enable_compilation_cache()
     try:
         sampler = _sampler_from_args(args)
         generator = load_generator(args.model, args.adapter, dtype=args.dtype, tokenizer=args.tokenizer,
-                                   max_batch_size=args.batch_size)
+                                   max_batch_size=args.batch_size, layer_loop=args.layer_loop)
         prompts = _prompts_from_args(args, generator.tokenizer)
     except (GenerationError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

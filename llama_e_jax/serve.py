@@ -48,8 +48,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llama_e_jax import sampling
-from llama_e_jax.generate import (GenerationError, Generator, Progress, Request, load_generator,
-                                  stable_text_end)
+from llama_e_jax.generate import (GenerationError, Generator, Progress, Request, enable_compilation_cache,
+                                  load_generator, stable_text_end)
 
 log = logging.getLogger(__name__)
 
@@ -509,7 +509,7 @@ async def _stream(header: dict, kind: str, requests: list[Request], first: tuple
                   updates: AsyncIterator[tuple[int, Progress]], prompt_tokens: int,
                   body: _GenerationBody) -> AsyncIterator[str]:
     """SSE chunks: text deltas per choice as they become stable, a finish chunk each, [DONE]."""
-    chunk_object = kind + ".chunk"
+    chunk_object = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"  # as OpenAI
     sent = [0] * len(requests)
     started = [False] * len(requests)
     completion_tokens = [0] * len(requests)
@@ -607,6 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    enable_compilation_cache()
     generator = load_generator(args.model, args.adapter, dtype=args.dtype, tokenizer=args.tokenizer,
                                max_batch_size=args.max_batch_size, max_length=args.max_context)
     engine = BatchingEngine(generator, max_batch_size=args.max_batch_size, chunk_size=args.chunk_size,

@@ -467,8 +467,10 @@ def train(
     validate_config(config)
     primary = jax.process_index() == 0
     if primary:
-        _save_effective_config(config, Path(config.run_dir))
+        print(f"effective config:\n{config}", file=sys.stderr, flush=True)
     run = prepare(config)
+    if primary:  # saved once model and data loaded, so a mistyped path leaves no run directory behind
+        _save_effective_config(config, run.run_dir)
     state = _initial_state(run)
     start_step = int(state.step)
     logger = MetricsLogger(run.run_dir, run.total_steps, start_step, config.train.log_every, enabled=primary)
@@ -482,8 +484,7 @@ def train(
         if result.status != "preempted":
             result.eval_after = _run_eval(run, state.adapter, result.step, logger, "after training")
             result.samples = _sample_generations(run, state.adapter, logger, result.step)
-            if primary:
-                _export(run, state.adapter, logger)
+            _export(run, state.adapter, logger, primary)
     finally:
         run.checkpoints.close()
         logger.close()
@@ -502,7 +503,6 @@ def _describe(run: Run, state: TrainState, start_step: int) -> str:
 def _save_effective_config(config: ml_collections.ConfigDict, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(config.to_json(indent=2, sort_keys=True) + "\n")
-    print(f"effective config (saved to {run_dir / 'config.json'}):\n{config}", file=sys.stderr, flush=True)
 
 
 def _initial_state(run: Run) -> TrainState:
@@ -659,20 +659,36 @@ def generate_texts(model: LoadedModel, lora_config, base, adapter, prompts: list
     return [completion.text for completion in generator.generate(prompts, max_new_tokens=max_new_tokens)]
 
 
-def _export(run: Run, adapter: Any, logger: MetricsLogger) -> None:
-    """The final adapter (always), as PEFT files and as a merged HF checkpoint (when configured)."""
+def _export(run: Run, adapter: Any, logger: MetricsLogger, primary: bool) -> None:
+    """The final adapter (always), as PEFT files and as a merged HF checkpoint (when configured).
+
+    Every host takes part in gathering the adapter; only the primary one writes.
+    """
     model, lora_config, run_dir = run.model, run.lora_config, run.run_dir
     host_adapter = _gather(adapter)
+    if not primary:
+        return
     paths = [lora_lib.save_adapter(run_dir / "adapter", host_adapter, lora_config, model.config)]
     if run.config.export.peft:
         paths.append(lora_lib.export_peft(run_dir / "peft_adapter", host_adapter, lora_config, model.config,
                                           base_model_name_or_path=model.name))
     if run.config.export.merged_hf:
-        from llama_e_jax.weights import save_hf_checkpoint
-
-        merged = lora_lib.merge(_gather(run.base), host_adapter, lora_config)
-        paths.append(save_hf_checkpoint(merged, model.config, run_dir / "merged_hf", tokenizer_dir=model.tokenizer_source))
+        paths.append(_export_merged(run, adapter))
     logger.message("exported: " + ", ".join(str(p) for p in paths))
+
+
+def _export_merged(run: Run, adapter: Any) -> Path:
+    """Base + adapter merged on the mesh (donating the base: this is the run's last use of it), then
+    written tensor by tensor, so the host never holds a second copy of the model."""
+    from llama_e_jax.weights import save_hf_checkpoint
+
+    if jax.process_count() > 1:
+        raise ConfigError("export.merged_hf is written from one host; on a multi-host run export the adapter "
+                          "and merge it on one machine (lora.merge + weights.save_hf_checkpoint)")
+    merged = lora_lib.merge(run.base, adapter, run.lora_config, donate_base=True)
+    run.base = None
+    return save_hf_checkpoint(merged, run.model.config, run.run_dir / "merged_hf",
+                              tokenizer_dir=run.model.tokenizer_source)
 
 
 def _gather(tree: Any) -> Any:

@@ -130,7 +130,7 @@ def test_cached_decoding_equals_full_forward_logits_at_each_step(tiny_config, ti
     config = tiny_config(variant, max_position_embeddings=256)
     params = tiny_params(config, seed=2)
     weights = G.Generator(config, params, CharTokenizer(), layer_loop=layer_loop).weights
-    prompts = [[5, 9, 14], list(range(3, 23)), [40]]  # lengths 3, 20, 1
+    prompts = [[5, 9, 14], list(range(3, 29)), [40]]  # lengths 3, 26, 1: the shapes of the `tiny` tests
     continuation = np.asarray([[11, 12, 13, 14, 15], [20, 21, 22, 23, 24], [30, 31, 32, 33, 34]], np.int32)
     state = G.new_state(config, weights, 4, 64, sampling.Greedy(), (2,))
     admission = G.make_admission([G.Request(p, 8) for p in prompts], [0, 1, 2], 4, 64, CharTokenizer().encode)
@@ -267,15 +267,21 @@ def test_seeded_sampling_is_reproducible_and_independent_of_batch_companions(tin
 # ----------------------------------------------------------------------------- adapters
 
 
-def test_merged_adapter_generates_like_the_unmerged_model(tiny):
+def random_adapter(config: LlamaConfig):
+    """(LoraConfig, adapter) with both A and B random, so that it changes the output."""
     from llama_e_jax import lora
 
-    config, params, _ = tiny
     lora_config = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=("q_proj", "v_proj", "down_proj"))
-    rng = np.random.default_rng(3)  # both A and B random, so the adapter changes the output
+    rng = np.random.default_rng(3)
     adapter = lora.unflatten_adapter({path: {leaf: (0.3 * rng.standard_normal(shape)).astype(np.float32)
                                              for leaf, shape in leaves.items()}
                                       for path, leaves in lora.adapter_shapes(config, lora_config).items()})
+    return lora_config, adapter
+
+
+def test_merged_adapter_generates_like_the_unmerged_model(tiny):
+    config, params, _ = tiny
+    lora_config, adapter = random_adapter(config)
     generator = G.Generator(config, params, CharTokenizer(), adapter=adapter, lora_config=lora_config,
                             max_batch_size=4, chunk_size=8)
     completion = generator.generate(PROMPTS, max_new_tokens=6)[0]
@@ -329,33 +335,37 @@ def test_generation_with_sharded_params_matches_single_device(tiny):
 # ----------------------------------------------------------------------------- CLI
 
 
-def test_cli_generates_for_a_jsonl_file_with_the_instruction_template(tmp_path, tiny, capsys):
-    from llama_e_jax import weights
+def test_cli_generates_for_a_jsonl_file_with_the_instruction_template(tmp_path, tiny, capsys, monkeypatch):
+    from llama_e_jax import lora, weights
     from llama_e_jax.data.prompt import build_prompt
+    from llama_e_jax.tokenizer import load_tokenizer
 
-    config, params, generator = tiny
-    model_dir = tmp_path / "model"
+    config, params, _ = tiny
+    model_dir, tokenizer_dir, adapter_dir = tmp_path / "model", tmp_path / "tok", tmp_path / "adapter"
     weights.save_hf_checkpoint(params, config, model_dir)
+    _save_char_tokenizer(tokenizer_dir)
+    lora_config, adapter = random_adapter(config)
+    lora.save_adapter(adapter_dir, adapter, lora_config, config)
     records = [{"id": f"r{i}", "task": "general_qa", "instruction": f"Say {word}", "input": inp,
                 "output": "x", "aspects": ["customer"], "source": "seed"}
                for i, (word, inp) in enumerate([("hi", ""), ("bye", "now")])]
     jsonl = tmp_path / "in.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
-    out = tmp_path / "out.jsonl"
+    prompts = [build_prompt(r["instruction"], r["input"]) for r in records]
+    monkeypatch.setattr(G, "enable_compilation_cache", lambda: None)  # no writes to the user cache
 
-    tokenizer_dir = tmp_path / "tok"
-    _save_char_tokenizer(tokenizer_dir)
-    code = G.main(["--model", str(model_dir), "--tokenizer", str(tokenizer_dir), "--jsonl", str(jsonl),
-                   "--max-new-tokens", "5", "--output", str(out)])
-    assert code == 0
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["id"] for r in rows] == ["r0", "r1"]
-    from llama_e_jax.tokenizer import load_tokenizer
-
-    reference = G.Generator(config, params, load_tokenizer(tokenizer_dir), max_batch_size=4, chunk_size=8)
-    expected = reference.generate([build_prompt(r["instruction"], r["input"]) for r in records], max_new_tokens=5)
-    assert [r["text"] for r in rows] == [c.text for c in expected]
-    assert [r["completion_tokens"] for r in rows] == [c.completion_tokens for c in expected]
+    for extra, adapter_args in (([], {}), (["--adapter", str(adapter_dir)], dict(adapter=adapter, lora_config=lora_config))):
+        out = tmp_path / f"out{len(extra)}.jsonl"
+        code = G.main(["--model", str(model_dir), "--tokenizer", str(tokenizer_dir), "--jsonl", str(jsonl),
+                       "--max-new-tokens", "5", "--output", str(out), *extra])
+        assert code == 0
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        reference = G.Generator(config, params, load_tokenizer(tokenizer_dir), max_batch_size=4, chunk_size=8,
+                                **adapter_args)
+        expected = reference.generate(prompts, max_new_tokens=5)
+        assert [r["id"] for r in rows] == ["r0", "r1"]
+        assert [(r["text"], r["completion_tokens"]) for r in rows] == [(c.text, c.completion_tokens) for c in expected]
+    assert rows[0]["text"] != json.loads((tmp_path / "out0.jsonl").read_text().splitlines()[0])["text"]
 
     assert G.main(["--model", str(tmp_path / "missing")]) == 2
     assert "expected a .gguf file or an HF checkpoint directory" in capsys.readouterr().err

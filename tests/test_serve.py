@@ -96,6 +96,16 @@ def test_chat_streaming_sends_the_same_text_in_pieces(server, client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == expected.completion_tokens
 
 
+def test_completion_streaming(server, client):
+    _, generator, _ = server
+    (expected,) = direct(generator, "The shop sells", 12)
+    chunks = list(client.completions.create(model=MODEL, prompt="The shop sells", max_tokens=12, temperature=0,
+                                            stream=True))
+    assert {c.object for c in chunks} == {"text_completion"}
+    assert "".join(c.choices[0].text for c in chunks) == expected.text
+    assert chunks[-1].choices[0].finish_reason == expected.finish_reason
+
+
 def test_completion_with_stop_n_and_seed(server, client):
     _, generator, _ = server
     (greedy,) = direct(generator, "Once upon a time", 16)

@@ -29,6 +29,7 @@ from llama_e_jax.checkpoint import CheckpointMismatchError, Checkpoints, expecte
 from llama_e_jax.config import LlamaConfig
 from llama_e_jax.lora import LoraConfig
 from llama_e_jax.train_state import Trainer, make_optimizer, summed_token_loss
+from llama_e_jax.weights import load_hf_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -130,7 +131,7 @@ def test_loss_and_gradient_are_per_token_over_all_micro_batches(tiny_config, tin
 def tiny_run(tmp_path_factory) -> train.TrainResult:
     """One whole tiny run with samples and the PEFT export switched on (shared by two tests)."""
     return train.train(tiny(tmp_path_factory.mktemp("tiny"), samples__count=2, samples__max_new_tokens=8,
-                            export__peft=True))
+                            samples__every_steps=4, export__peft=True, export__merged_hf=True))
 
 
 def test_tiny_run_learns_and_exports(tiny_run):
@@ -146,9 +147,15 @@ def test_tiny_run_learns_and_exports(tiny_run):
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["kind"] == "train"] == list(range(1, 9))
     assert any(p.name.startswith("events.out.tfevents") for p in (run_dir / "tensorboard").iterdir())
-    adapter, lora_config = lora.load_adapter(run_dir / "adapter", LlamaConfig.from_preset("tiny"))
+    model_config = LlamaConfig.from_preset("tiny")
+    adapter, lora_config = lora.load_adapter(run_dir / "adapter", model_config)
     assert lora_config.rank == 8 and np.abs(adapter["layers"]["attn"]["q_proj"]["lora_b"]).max() > 0
-    assert [s["id"] for s in result.samples] == [e["tag"].split("/", 1)[1] for e in events if e["kind"] == "text"]
+    _, merged = load_hf_checkpoint(run_dir / "merged_hf")  # base (random, seed 0) + adapter, as HF files
+    expected = lora.merge(train._random_params(model_config, seed=0), adapter, lora_config)
+    for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(merged)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, err_msg=str(path))
+    texts = [(e["step"], e["tag"].split("/", 1)[1]) for e in events if e["kind"] == "text"]
+    assert texts == [(4, s["id"]) for s in result.samples] + [(8, s["id"]) for s in result.samples]  # every 4 steps
     assert len(result.samples) == 2 and all(isinstance(s["generated"], str) for s in result.samples)
 
 
