@@ -17,7 +17,9 @@ Design, and why:
   it); prefill runs model.py's `Block` unchanged.
 * Prefill is compiled per (rows, prompt length) bucket — rows in powers of two, lengths in steps of
   at most 1.5x — so a handful of compiles serve all prompts. Prompts are right-padded; padding has
-  segment id 0 and writes nowhere.
+  segment id 0 and writes nowhere. Prefill caches each prompt but its last token; the first decode
+  step feeds that token and samples the first new one, so prefill needs neither the output layer
+  nor the sampler (cheaper to compile, once per bucket) and every token is sampled in one place.
 * Decode runs on device: `lax.while_loop` over up to `chunk_size` steps, exiting early when every
   row is done. Each row stops on its own at EOS, at a stop sequence (matched on device, token by
   token, against the stop strings' own tokenizations) or at its token budget. The host looks at the
@@ -144,13 +146,16 @@ class DecodeState:
 class Admission:
     """What prefill needs to start b new rows (b bucketed; padding rows have row index B).
 
-    prompt_ids: [b, T] right-padded prompts; prompt_lengths: [b]; rows: [b] target rows;
-    max_new_tokens: [b]; seeds / streams: [b] uint32, the row key is fold_in(key(seed), stream);
-    stop_ids: [b, M, W]; sampler: the rows' sampler values ([b] leaves).
+    prompt_ids: [b, T] each prompt but its last token, right-padded; prompt_lengths: [b] their
+    lengths (prompt length - 1, may be 0); last_tokens: [b] each prompt's last token, which the first
+    decode step feeds; rows: [b] target rows; max_new_tokens: [b]; seeds / streams: [b] uint32, the
+    row key is fold_in(key(seed), stream); stop_ids: [b, M, W]; sampler: the rows' sampler values
+    ([b] leaves).
     """
 
     prompt_ids: jax.Array
     prompt_lengths: jax.Array
+    last_tokens: jax.Array
     rows: jax.Array
     max_new_tokens: jax.Array
     seeds: jax.Array
@@ -320,12 +325,13 @@ def _decode_logits(config: LlamaConfig, weights: dict, state: DecodeState):
     return _logits(config, weights, h), keys, values, new_lengths
 
 
-def _prefill_logits(config: LlamaConfig, weights: dict, state: DecodeState, admission: Admission):
-    """Runs the prompts and writes their keys/values into rows `admission.rows` of the cache.
+def _prefill_cache(config: LlamaConfig, weights: dict, state: DecodeState, admission: Admission):
+    """Runs the prompts (all but their last token) and writes their keys/values into rows
+    `admission.rows` of the cache. Returns the new (keys, values).
 
-    Attention is computed against a prompt-sized scratch cache (the rows are fresh, so the prompt
-    is all there is to attend to), which is then copied into the rows. Returns the logits at each
-    prompt's last token [b, V] and the new keys, values.
+    Attention is computed against a prompt-sized scratch cache (the rows are fresh, so the prompt is
+    all there is to attend to), which is then copied into the rows. No logits are needed: the
+    prompt's last token is fed by the first decode step, which samples the first new token.
     """
     ids, prompt_lengths = admission.prompt_ids, admission.prompt_lengths  # [b, T], [b]
     rows_in, prompt_len = ids.shape
@@ -345,10 +351,8 @@ def _prefill_logits(config: LlamaConfig, weights: dict, state: DecodeState, admi
             new_values.transpose(0, 2, 1, 3).astype(layer_values.dtype), mode="drop")
         return h, layer_keys, layer_values
 
-    h = _embed(config, weights, ids)
-    h, keys, values = _run_layers(weights, h, state.keys, state.values, body)
-    last = jnp.take_along_axis(h, jnp.maximum(prompt_lengths - 1, 0)[:, None, None], axis=1)[:, 0]  # [b, D]
-    return _logits(config, weights, last), keys, values
+    _, keys, values = _run_layers(weights, _embed(config, weights, ids), state.keys, state.values, body)
+    return keys, values
 
 
 # ============================================================================= sampling and stopping
@@ -386,39 +390,35 @@ def _sample(state: DecodeState, logits: jax.Array) -> jax.Array:  # [B, V] -> [B
 
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
-def prefill(config: LlamaConfig, weights: dict, state: DecodeState, admission: Admission):
-    """Starts the admitted rows: fills their cache, samples their first token.
+def prefill(config: LlamaConfig, weights: dict, state: DecodeState, admission: Admission) -> DecodeState:
+    """Starts the admitted rows: fills their cache with the prompt and sets up their decoding.
 
-    Returns (state, first_tokens [b]); the first tokens are also booked in `state` (they may end a
-    row already, e.g. max_new_tokens=1).
+    Each row's prompt minus its last token goes into the cache; the last token is left pending in
+    `tokens`, so the row's first decode step feeds it and samples the first new token (with key
+    fold_in(row key, 0)). Prefill thus compiles without the sampler or the output layer.
     """
-    logits, keys, values = _prefill_logits(config, weights, state, admission)
-    batch, rows = state.batch_size, admission.rows
-    new_keys = jax.vmap(lambda seed, stream: jax.random.fold_in(jax.random.key(seed), stream))(
+    keys, values = _prefill_cache(config, weights, state, admission)
+    rows = admission.rows
+    row_keys = jax.vmap(lambda seed, stream: jax.random.fold_in(jax.random.key(seed), stream))(
         admission.seeds, admission.streams)
 
     def put(full, new):
         return full.at[rows].set(new.astype(full.dtype), mode="drop")
 
-    state = state.replace(
+    return state.replace(
         keys=keys,
         values=values,
         lengths=put(state.lengths, admission.prompt_lengths),
+        tokens=put(state.tokens, admission.last_tokens),
         active=put(state.active, jnp.ones_like(rows, bool)),
         num_generated=put(state.num_generated, jnp.zeros_like(rows)),
         max_new_tokens=put(state.max_new_tokens, admission.max_new_tokens),
         finish=put(state.finish, jnp.zeros_like(rows)),
         recent=put(state.recent, jnp.full((rows.shape[0], state.recent.shape[1]), -2, jnp.int32)),
         stop_ids=put(state.stop_ids, admission.stop_ids),
-        rng=state.rng.at[rows].set(new_keys, mode="drop"),
+        rng=state.rng.at[rows].set(row_keys, mode="drop"),
         sampler=jax.tree.map(put, state.sampler, admission.sampler),
     )
-    # Step 0 of each new row: its own sampler values and key fold_in(row key, 0), as `_step_keys`.
-    first_keys = jax.vmap(jax.random.fold_in)(new_keys, jnp.zeros_like(rows))
-    first_tokens = admission.sampler.get_next_tokens(logits, first_keys)  # [b]
-    emitting = jnp.zeros((batch,), bool).at[rows].set(True, mode="drop")
-    new_tokens = state.tokens.at[rows].set(first_tokens, mode="drop")
-    return _record(state, new_tokens, emitting), first_tokens
 
 
 @functools.partial(jax.jit, static_argnames=("config", "chunk_size"), donate_argnames=("state",))
@@ -666,22 +666,24 @@ def make_admission(
     row `batch_size`, which every write drops.
     """
     count = bucket(len(requests), maximum=batch_size)
-    longest = max(len(request.prompt_ids) for request in requests)
+    longest = max(len(request.prompt_ids) for request in requests) - 1  # the last token is decoded
     prompt_len = length_bucket(longest, max_length)
     ids = np.zeros((count, prompt_len), np.int32)
-    lengths = np.ones((count,), np.int32)
+    lengths = np.zeros((count,), np.int32)
+    last_tokens = np.zeros((count,), np.int32)
     target_rows = np.full((count,), batch_size, np.int32)
     budgets = np.ones((count,), np.int32)
     seeds, streams = np.zeros((count,), np.uint32), np.zeros((count,), np.uint32)
     stop_ids = np.full((count, MAX_DEVICE_STOPS, STOP_WINDOW), -1, np.int32)
     for i, (request, row) in enumerate(zip(requests, rows)):
         n = len(request.prompt_ids)
-        ids[i, :n], lengths[i], target_rows[i] = request.prompt_ids, n, row
+        ids[i, :n - 1], lengths[i], last_tokens[i] = request.prompt_ids[:-1], n - 1, request.prompt_ids[-1]
+        target_rows[i] = row
         budgets[i] = min(request.max_new_tokens, max_length - n)
         seeds[i], streams[i] = request.seed % 2**32, request.stream % 2**32
         stop_ids[i] = _device_stop_ids(request.stop, encode)
     return Admission(
-        prompt_ids=ids, prompt_lengths=lengths, rows=target_rows, max_new_tokens=budgets,
+        prompt_ids=ids, prompt_lengths=lengths, last_tokens=last_tokens, rows=target_rows, max_new_tokens=budgets,
         seeds=seeds, streams=streams, stop_ids=stop_ids,
         sampler=sampler_rows([request.sampler for request in requests], count),
     )
@@ -764,12 +766,9 @@ class DecodeSession:
             return
         admission = make_admission(group, free[:len(group)], self.batch_size, self.max_length,
                                    self.generator.tokenizer.encode)
-        self.state, first_tokens = prefill(self.generator.config, self.generator.weights, self.state, admission)
-        first_tokens, finish = jax.device_get((first_tokens, self.state.finish))
-        for seq, row, token in zip(group, free, first_tokens):
+        self.state = prefill(self.generator.config, self.generator.weights, self.state, admission)
+        for seq, row in zip(group, free):
             self.rows[row] = seq
-            self._book(row, [int(token)], int(finish[row]))
-        self._release_finished()
 
     def _book(self, row: int, new_ids: list[int], finish_code: int) -> None:
         seq = self.rows[row]

@@ -275,9 +275,11 @@ def model_shape(model_config: LlamaConfig) -> dict[str, int]:
     return {field: getattr(model_config, field) for field in _MODEL_SHAPE_FIELDS}
 
 
-def describe_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def describe_differences(saved: dict[str, Any], current: dict[str, Any],
+                         labels: tuple[str, str] = ("saved", "now")) -> list[str]:
     """"field: saved X, now Y" for every field whose value differs (None where absent)."""
-    return [f"{key}: saved {saved.get(key)!r}, now {current.get(key)!r}"
+    first, second = labels
+    return [f"{key}: {first} {saved.get(key)!r}, {second} {current.get(key)!r}"
             for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
 
 

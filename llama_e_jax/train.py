@@ -54,7 +54,7 @@ import ml_collections
 import numpy as np
 
 from llama_e_jax import lora as lora_lib
-from llama_e_jax import sharding
+from llama_e_jax import distributed, sharding
 from llama_e_jax.checkpoint import Checkpoints, expected_meta
 from llama_e_jax.config import LlamaConfig
 from llama_e_jax.metrics_log import MetricsLogger, format_duration
@@ -234,45 +234,45 @@ class LoadedModel:
 def load_model(model_section: ml_collections.ConfigDict, mesh) -> LoadedModel:
     """Base params, model config and tokenizer from `config.model` (see configs/default.py)."""
     from llama_e_jax import weights
-    from llama_e_jax.tokenizer import load_tokenizer
 
-    dtype = model_section.param_dtype
-    source = model_section.source
+    dtype, source = model_section.param_dtype, model_section.source
     if source == "random":
         config = LlamaConfig.from_preset(model_section.preset, param_dtype=dtype)
-        params = _random_params(config, seed=0)
-        tokenizer = ByteTokenizer()
-        loaded = LoadedModel(config, params, tokenizer, None, f"random:{model_section.preset}")
+        params, checkpoint, name = _random_params(config, seed=0), None, f"random:{model_section.preset}"
     elif source in ("default", "gguf"):
         from llama_e_jax.default_model import ensure_default_gguf
 
-        path = ensure_default_gguf() if source == "default" else Path(model_section.path)
-        config, params = weights.load_gguf(path, dtype=dtype)
-        tokenizer = load_tokenizer(path)
-        name = "HuggingFaceTB/SmolLM2-135M-Instruct" if source == "default" else str(path)
-        loaded = LoadedModel(config, params, tokenizer, tokenizer, name)
+        checkpoint = ensure_default_gguf() if source == "default" else Path(model_section.path)
+        config, params = weights.load_gguf(checkpoint, dtype=dtype)
+        name = "HuggingFaceTB/SmolLM2-135M-Instruct" if source == "default" else str(checkpoint)
     else:
-        path = Path(model_section.path)
-        config = LlamaConfig.from_hf_dir(path, param_dtype=dtype)
-        params = _load_hf_sharded(path, config, mesh)
-        tokenizer = load_tokenizer(path)
-        loaded = LoadedModel(config, params, tokenizer, path, str(path))
-    if model_section.tokenizer:
-        loaded.tokenizer = ByteTokenizer() if model_section.tokenizer == "bytes" else load_tokenizer(model_section.tokenizer)
-        loaded.tokenizer_source = None if model_section.tokenizer == "bytes" else model_section.tokenizer
-    loaded.config = loaded.config.replace(dtype=model_section.dtype, remat_policy=model_section.remat_policy)
-    _check_preset(model_section.preset, loaded.config, source)
-    return loaded
+        checkpoint = Path(model_section.path)
+        config = LlamaConfig.from_hf_dir(checkpoint, param_dtype=dtype)
+        params, name = _load_hf_sharded(checkpoint, config, mesh), str(checkpoint)
+    tokenizer, tokenizer_source = _load_tokenizer(model_section.tokenizer, checkpoint)
+    config = config.replace(dtype=model_section.dtype, remat_policy=model_section.remat_policy)
+    _check_preset(model_section.preset, config, source)
+    return LoadedModel(config, params, tokenizer, tokenizer_source, name)
+
+
+def _load_tokenizer(choice: str, checkpoint: Path | None) -> tuple[Any, Any]:
+    """(tokenizer, what an HF export copies it from): `model.tokenizer`, else the checkpoint's own."""
+    from llama_e_jax.tokenizer import load_tokenizer
+
+    if choice == "bytes" or (not choice and checkpoint is None):
+        return ByteTokenizer(), None
+    source = choice or checkpoint
+    tokenizer = load_tokenizer(source)
+    return tokenizer, (tokenizer if str(source).endswith(".gguf") else Path(source))  # a GGUF has no files to copy
 
 
 def _check_preset(preset: str, config: LlamaConfig, source: str) -> None:
     if not preset or source == "random":
         return
     differences = lora_lib.describe_differences(lora_lib.model_shape(LlamaConfig.from_preset(preset)),
-                                                lora_lib.model_shape(config))
+                                                lora_lib.model_shape(config), labels=("preset", "checkpoint"))
     if differences:
-        raise ConfigError(f"model.preset={preset!r} does not match the checkpoint "
-                          "(preset value, checkpoint value): " + "; ".join(differences))
+        raise ConfigError(f"model.preset={preset!r} does not match the checkpoint: " + "; ".join(differences))
 
 
 def _random_params(config: LlamaConfig, seed: int) -> Any:
@@ -717,6 +717,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("absl", "orbax", "jax._src", "tensorflow_datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     enable_compilation_cache()
+    distributed.initialize()  # joins a multi-host job when the environment describes one; else nothing
     try:
         config = parse_args(sys.argv[1:] if argv is None else argv)
         result = train(config)

@@ -134,18 +134,18 @@ def test_cached_decoding_equals_full_forward_logits_at_each_step(tiny_config, ti
     continuation = np.asarray([[11, 12, 13, 14, 15], [20, 21, 22, 23, 24], [30, 31, 32, 33, 34]], np.int32)
     state = G.new_state(config, weights, 4, 64, sampling.Greedy(), (2,))
     admission = G.make_admission([G.Request(p, 8) for p in prompts], [0, 1, 2], 4, 64, CharTokenizer().encode)
-    state, first = G.prefill(config, weights, state, admission)
+    state = G.prefill(config, weights, state, admission)  # caches all but each prompt's last token
 
     width = max(len(p) for p in prompts) + continuation.shape[1]
     rows = [p + list(c) + [0] * (width - len(p) - len(c)) for p, c in zip(prompts, continuation)]
     full = np.asarray(Llama(config).apply({"params": params}, jnp.asarray(rows, jnp.int32)))  # [3, width, V]
-    np.testing.assert_array_equal(first[:3], [full[row, len(p) - 1].argmax() for row, p in enumerate(prompts)])
-    for step in range(continuation.shape[1]):
+    fed = np.concatenate([[[p[-1]] for p in prompts], continuation], axis=1)  # [3, 1 + steps]
+    for step in range(fed.shape[1]):
         tokens = np.zeros((4,), np.int32)  # row 3 is empty: inactive, its token is ignored
-        tokens[:3] = continuation[:, step]
+        tokens[:3] = fed[:, step]
         state, logits = G.feed_tokens(config, weights, state, tokens)
         for row, prompt in enumerate(prompts):
-            np.testing.assert_allclose(logits[row], full[row, len(prompt) + step], atol=2e-5, rtol=2e-5,
+            np.testing.assert_allclose(logits[row], full[row, len(prompt) - 1 + step], atol=2e-5, rtol=2e-5,
                                        err_msg=f"row {row}, step {step}")
 
 

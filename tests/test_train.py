@@ -29,7 +29,7 @@ from llama_e_jax.checkpoint import CheckpointMismatchError, Checkpoints, expecte
 from llama_e_jax.config import LlamaConfig
 from llama_e_jax.lora import LoraConfig
 from llama_e_jax.train_state import Trainer, make_optimizer, summed_token_loss
-from llama_e_jax.weights import load_hf_checkpoint
+from llama_e_jax.weights import load_hf_checkpoint, save_hf_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -166,6 +166,21 @@ def test_training_can_start_from_an_exported_peft_adapter(tmp_path, tiny_run):
     config.lora.rank = 4
     config.run_dir = str(tmp_path / "other_rank")
     with pytest.raises(lora.AdapterError, match=r"rank: adapter has r=8, config has r=4"):
+        train.train(config)
+
+
+def test_training_from_an_hf_checkpoint_directory(tmp_path):
+    """model.source="hf": the base is read slice by slice onto the mesh; the preset is checked against it."""
+    model_config = LlamaConfig.from_preset("tiny")
+    save_hf_checkpoint(train._random_params(model_config, seed=0), model_config, tmp_path / "hf")
+    config = tiny(tmp_path, model__source="hf", model__path=str(tmp_path / "hf"), model__tokenizer="bytes",
+                  train__time_limit_s=1e-3)
+    result = train.train(config)
+    assert result.step == 1 and np.isfinite(result.eval_after["loss"])
+    config.model.preset = "tiny_tied"
+    config.run_dir = str(tmp_path / "wrong_preset")
+    with pytest.raises(train.ConfigError, match=r"model\.preset='tiny_tied' does not match the checkpoint: "
+                                                r"num_kv_heads: preset 4, checkpoint 2"):
         train.train(config)
 
 
