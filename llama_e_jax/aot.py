@@ -26,9 +26,11 @@ executable we read, per device:
 
 Compiling a 7B-30B step takes a few minutes of one CPU core (the probes add two small compiles).
 
-The step compiled is the real one: train_state.Trainer's jitted step with the recipe's model, LoRA, optimizer,
-gradient accumulation and mesh, and the sharding rules of sharding.py — not a model of it. `--decode`
-also compiles one KV-cache decode step (model.py with a full-length cache, adapter merged).
+The step compiled is the real one: train_state.Trainer's jitted step (`Trainer.lower_step`) with the
+recipe's model, LoRA, optimizer, gradient accumulation, mesh, the sharding rules of sharding.py and
+the model's activation constraints — not a model of it. `--decode` also compiles the real decode
+step: generate.decode_chunk for one token per row, on the Generator's unrolled layers and its
+sharded KV cache (adapter merged, the server's sampler, stop checks included).
 
 libtpu pins jax exactly, so this runs from its own environment (see docs/tpu.md):
 
@@ -228,26 +230,47 @@ def compile_train_step(config: Any, model_config: LlamaConfig, mesh: jax.shardin
     trainer = Trainer(model_config, lora_config_of(config), optimizer, schedule, mesh)
     batch = _abstract_batch(mesh, config.train.batch_size, config.train.grad_accum_steps, config.data.seq_len)
     learning_rate = jax.ShapeDtypeStruct((), jnp.float32)
-    # Trainer.step runs `_step` (the one jit of the step); lowering it directly compiles exactly that.
-    lowered = trainer._step.lower(trainer.abstract_state(), abstract_base(model_config, mesh), batch, learning_rate)
+    lowered = trainer.lower_step(trainer.abstract_state(), abstract_base(model_config, mesh), batch, learning_rate)
     return lowered.compile()
 
 
+def unrolled_layers(base: Any) -> Any:
+    """Abstract base params as generate.Generator decodes them (its default layer_loop="unroll",
+    generate.split_layers): the stacked [L, ...] layers as a tuple of L per-layer trees, each leaf
+    keeping its sharding minus the layer axis."""
+
+    def layer_leaf(leaf: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+        per_layer = jax.sharding.NamedSharding(leaf.sharding.mesh, jax.sharding.PartitionSpec(*leaf.sharding.spec[1:]))
+        return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype, sharding=per_layer)
+
+    num_layers = jax.tree.leaves(base["layers"])[0].shape[0]
+    layer = jax.tree.map(layer_leaf, base["layers"])
+    return {**{name: tree for name, tree in base.items() if name != "layers"}, "layers": (layer,) * num_layers}
+
+
+def abstract_decode_state(model_config: LlamaConfig, weights: Any, batch_size: int, max_length: int) -> Any:
+    """generate.new_state for B rows of S cache slots, as sharded ShapeDtypeStructs.
+
+    new_state places the cache itself (by the cache rule, on the weights' mesh); compiling it — a
+    program of zeros, cheap — reads that placement back without allocating anything. The sampler
+    is the server's (per-row top-p and temperature: the costliest sampling, a sort over the vocab).
+    """
+    from llama_e_jax import generate, sampling
+
+    make = jax.jit(lambda: generate.new_state(model_config, weights, batch_size, max_length,
+                                               sampling.TopP(p=1.0, temperature=0.0), model_config.eos_token_ids))
+    shapes = jax.eval_shape(make)
+    return _with_shardings(shapes, make.lower().compile().output_shardings)
+
+
 def compile_decode_step(model_config: LlamaConfig, mesh: jax.sharding.Mesh, batch_size: int, max_length: int):
-    """One KV-cache decode step ([B, 1] tokens, cache [L, B, S, K, Dh]); the adapter is merged, so no LoRA."""
-    from llama_e_jax.model import KVCache, Llama
+    """The decode step generate.Generator runs: `generate.decode_chunk` for one token per row (B rows,
+    caches of `max_length` slots, sampling and stop checks included); the adapter is merged, so no LoRA."""
+    from llama_e_jax import generate
 
-    model = Llama(model_config)
-    cache_shapes = jax.eval_shape(lambda: KVCache.zeros(model_config, batch_size, max_length))
-    cache = _with_shardings(cache_shapes, sharding.param_shardings(cache_shapes, mesh))
-    tokens = jax.ShapeDtypeStruct((batch_size, 1), jnp.int32, sharding=sharding.batch_sharding(mesh))
-
-    def decode(base, cache, tokens):
-        logits, cache = model.apply({"params": base}, tokens, kv_cache=cache)
-        return jnp.argmax(logits[:, -1], axis=-1), cache
-
-    step = jax.jit(decode, out_shardings=(None, jax.tree.map(lambda x: x.sharding, cache)), donate_argnums=1)
-    return step.lower(abstract_base(model_config, mesh), cache, tokens).compile()
+    weights = unrolled_layers(abstract_base(model_config, mesh))
+    state = abstract_decode_state(model_config, weights, batch_size, max_length)
+    return generate.decode_chunk.lower(model_config, weights, state, 1).compile()
 
 
 # The TPU compiler's out-of-memory messages, e.g. "Used 20.50G of 15.75G hbm" or "the total memory
@@ -356,7 +379,8 @@ def check(config: Any, topology_name: str, decode: bool = False, decode_batch: i
     if decode:
         length = decode_length or seq_len
         decode_for = lambda c: compile_decode_step(c, mesh, decode_batch, length)
-        steps.append(StepJob("decode", decode_for, decode_for, 1, decode_batch, (decode_batch // batch_shards, length)))
+        steps.append(StepJob("decode", decode_for, None, 1, decode_batch, (decode_batch // batch_shards, length),
+                             layer_scan=False))
     reports = []
     for job in steps:
         try:
@@ -375,7 +399,10 @@ def check(config: Any, topology_name: str, decode: bool = False, decode_batch: i
                 probe_cache[key] = outside_cost(job.compile_probe, model_config)
             return probe_cache[key]
 
-        flops, accessed = loop_corrected_cost(compiled, outside, model_config.num_layers, job.repeats)
+        if job.layer_scan:
+            flops, accessed = loop_corrected_cost(compiled, outside, model_config.num_layers, job.repeats)
+        else:  # layers unrolled: XLA counts every one (a decode chunk of one step runs its loop once)
+            flops, accessed = _cost(compiled) * job.repeats
         reports.append(StepReport(step=job.step, tokens=job.tokens, **common, **memory_fields(compiled, chip),
                                   flops=float(flops), bytes_accessed=float(accessed),
                                   compute_time_s=flops / chip.bf16_flops, memory_time_s=accessed / chip.hbm_bandwidth))
@@ -388,10 +415,11 @@ class StepJob:
 
     step: str
     compile_real: Any  # LlamaConfig -> compiled executable
-    compile_probe: Any
+    compile_probe: Any  # LlamaConfig -> compiled executable (only with layer_scan)
     repeats: int  # gradient-accumulation micro-batches
     tokens: int  # tokens per step, whole slice
     per_device_shape: tuple[int, int]  # (rows per batch shard, sequence/cache length)
+    layer_scan: bool = True  # layers in a scan, whose body XLA counts once (see loop_corrected_cost)
 
 
 def _first_line(message: str, containing: str) -> str:

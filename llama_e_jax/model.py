@@ -15,6 +15,10 @@ Design choices and why:
   absolute position p is written to slot p of its row, so slot index = position and the cache mask
   is simply `slot < length and slot <= query position`.
 * Every projection is a `LoraLinear` (see lora.py); adapters live in their own `lora` collection.
+* Activation sharding is pinned only when the model is given a mesh (`Llama(..., mesh=mesh)`, as
+  train_state.Trainer does): the residual stream, embeddings and logits split over the batch axes,
+  q/k/v/attention output over heads and the MLP hidden over "tensor" (sharding.constrain). Without
+  a mesh — one device, or generate.py's decoding, which builds blocks without one — nothing is added.
 
 Loss functions live with training; this module returns logits (and optionally the final hidden
 states).
@@ -30,7 +34,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from llama_e_jax import sharding
 from llama_e_jax.config import LlamaConfig
 from llama_e_jax.lora import LoraConfig, LoraLinear
 
@@ -138,6 +144,11 @@ def _projection(config: LlamaConfig, lora: LoraConfig | None, path: str, feature
     )
 
 
+def _pin(x: jax.Array, kind: str, mesh: Mesh | None) -> jax.Array:
+    """sharding.constrain on the model's own mesh; nothing at all when the model has none."""
+    return x if mesh is None else sharding.constrain(x, kind, mesh)
+
+
 def _attention_implementation(config: LlamaConfig, mask: jax.Array | None) -> str:
     if config.attention_impl != "auto":
         return config.attention_impl
@@ -150,6 +161,7 @@ class Attention(nn.Module):
     config: LlamaConfig
     lora: LoraConfig | None
     deterministic: bool
+    mesh: Mesh | None = None  # pins q/k/v and the output to heads over "tensor" (see _pin)
 
     @nn.compact
     def __call__(
@@ -162,8 +174,9 @@ class Attention(nn.Module):
         k = proj("attn/k_proj", c.num_kv_heads * c.head_dim)(x).reshape(batch, length, c.num_kv_heads, c.head_dim)
         v = proj("attn/v_proj", c.num_kv_heads * c.head_dim)(x).reshape(batch, length, c.num_kv_heads, c.head_dim)
         inv_freq = rope_inverse_frequencies(c)
-        q = apply_rotary(q, context.positions, inv_freq)
-        k = apply_rotary(k, context.positions, inv_freq)
+        q = _pin(apply_rotary(q, context.positions, inv_freq), "heads", self.mesh)
+        k = _pin(apply_rotary(k, context.positions, inv_freq), "heads", self.mesh)
+        v = _pin(v, "heads", self.mesh)
 
         if cache_kv is not None:
             k, v = _write_cache(cache_kv, k, v, context.cache_slots)
@@ -176,7 +189,7 @@ class Attention(nn.Module):
             is_causal=context.mask is None,
             implementation=_attention_implementation(c, context.mask),
         )  # [B, T, H, Dh]
-        out = out.reshape(batch, length, c.num_heads * c.head_dim)
+        out = _pin(out, "heads", self.mesh).reshape(batch, length, c.num_heads * c.head_dim)
         return proj("attn/o_proj", c.hidden_size)(out), cache_kv
 
 
@@ -196,13 +209,14 @@ class MLP(nn.Module):
     config: LlamaConfig
     lora: LoraConfig | None
     deterministic: bool
+    mesh: Mesh | None = None  # pins the [B, T, F] hidden to F over "tensor" (see _pin)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D]
         c = self.config
         proj = functools.partial(_projection, c, self.lora, deterministic=self.deterministic)
-        gate = proj("mlp/gate_proj", c.intermediate_size)(x)
-        up = proj("mlp/up_proj", c.intermediate_size)(x)
+        gate = _pin(proj("mlp/gate_proj", c.intermediate_size)(x), "mlp", self.mesh)
+        up = _pin(proj("mlp/up_proj", c.intermediate_size)(x), "mlp", self.mesh)
         return proj("mlp/down_proj", c.hidden_size)(nn.silu(gate) * up)
 
 
@@ -212,6 +226,7 @@ class Block(nn.Module):
     config: LlamaConfig
     lora: LoraConfig | None
     deterministic: bool
+    mesh: Mesh | None = None  # pins the residual stream to the batch split (see _pin)
 
     @nn.compact
     def __call__(self, h: jax.Array, cache_kv, context: AttentionContext):
@@ -219,12 +234,12 @@ class Block(nn.Module):
         norm = functools.partial(
             RMSNorm, c.rms_norm_eps, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype)
         )
-        attn_out, cache_kv = Attention(c, self.lora, self.deterministic, name="attn")(
+        attn_out, cache_kv = Attention(c, self.lora, self.deterministic, self.mesh, name="attn")(
             norm(name="attn_norm")(h), context, cache_kv
         )
         h = h + attn_out
-        h = h + MLP(c, self.lora, self.deterministic, name="mlp")(norm(name="mlp_norm")(h))
-        return h, cache_kv
+        h = h + MLP(c, self.lora, self.deterministic, self.mesh, name="mlp")(norm(name="mlp_norm")(h))
+        return _pin(h, "residual", self.mesh), cache_kv
 
 
 def _remat_policy(name: str):
@@ -267,10 +282,13 @@ class Llama(nn.Module):
     Attributes:
       config: shapes and dtypes.
       lora: adapter settings; None builds the plain base model (no `lora` collection).
+      mesh: a ("data", "fsdp", "tensor") mesh to pin activation shardings on (training); None adds
+        no constraints. Values never depend on it, only the layout XLA picks.
     """
 
     config: LlamaConfig
     lora: LoraConfig | None = None
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(
@@ -291,8 +309,9 @@ class Llama(nn.Module):
 
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=jnp.dtype(c.dtype),
                          param_dtype=jnp.dtype(c.param_dtype), name="embed")
-        h = embed(input_ids)
-        h, new_layer_caches = _stacked_blocks(c)(c, self.lora, deterministic, name="layers")(h, layer_caches, context)
+        h = _pin(embed(input_ids), "residual", self.mesh)
+        h, new_layer_caches = _stacked_blocks(c)(c, self.lora, deterministic, self.mesh, name="layers")(
+            h, layer_caches, context)
         h = RMSNorm(c.rms_norm_eps, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype),
                     name="final_norm")(h)
         if output_positions is not None:
@@ -302,7 +321,7 @@ class Llama(nn.Module):
         else:
             logits = LoraLinear(c.vocab_size, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype),
                                 name="lm_head")(h)
-        logits = logits.astype(jnp.float32)
+        logits = _pin(logits.astype(jnp.float32), "logits", self.mesh)
 
         outputs = (logits,)
         if kv_cache is not None:

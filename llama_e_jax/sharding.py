@@ -302,23 +302,33 @@ def load_sharded(reader: SliceReader, abstract_params: Any, mesh: Mesh, rules: R
 # ----------------------------------------------------------------------------- activations
 
 ACTIVATION_SPECS = {
-    "residual": P(BATCH, None, None),  # [B, T, D]
-    "heads": P(BATCH, None, "tensor", None),  # [B, T, H, Dh]
-    "logits": P(BATCH, None, "tensor"),  # [B, T, V]
+    "residual": P(BATCH, None, None),  # [B, T, D]: the residual stream, batch split, D whole
+    "heads": P(BATCH, None, "tensor", None),  # [B, T, H|K, Dh]: q/k/v and attention output, heads split
+    "mlp": P(BATCH, None, "tensor"),  # [B, T, F]: gate/up outputs, hidden split like their kernels
+    "logits": P(BATCH, None, "tensor"),  # [B, T, V]: vocab split like lm_head
 }
 
 
-def constrain(x: jax.Array, kind: str) -> jax.Array:
-    """Pins an activation's sharding when a mesh is set (`with jax.set_mesh(mesh):`); else a no-op.
+def constrain(x: jax.Array, kind: str, mesh: Mesh | None = None) -> jax.Array:
+    """Pins an activation to `ACTIVATION_SPECS[kind]` on `mesh` (or the context mesh of
+    `with jax.set_mesh(mesh):` when None); a no-op without a multi-device ("data", "fsdp", "tensor") mesh.
 
-    GSPMD propagates shardings from the weights, which under fsdp can pick a layout split on D instead
-    of on the batch; pinning the residual stream, heads and logits keeps the batch split as intended.
+    Why: GSPMD propagates shardings from the weights, and under fsdp (weights split on D) it may pick
+    a layout split on D instead of on the batch — all-gathering activations instead of weights; under
+    tensor parallelism, pinning q/k/v heads and the MLP hidden to "tensor" keeps each device on its
+    own heads between the column- and row-split projections (one reduction per pair, as Megatron).
+    Dimensions that do not divide fall back as for weights (`fit_spec`). A constraint changes the
+    layout only, never the values.
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(AXES) <= set(mesh.axis_names):
+    if mesh is None:
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            return x
+    if not set(AXES) <= set(mesh.axis_names) or math.prod(mesh.shape.values()) == 1:
         return x
     spec = fit_spec(ACTIVATION_SPECS[kind], x.shape, dict(mesh.shape))
-    return jax.lax.with_sharding_constraint(x, spec)
+    target = NamedSharding(mesh, spec) if isinstance(mesh, Mesh) else spec
+    return jax.lax.with_sharding_constraint(x, target)
 
 
 def load_checkpoint_sharded(directory: str, config: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:

@@ -3,7 +3,8 @@
 `train.py` owns everything with side effects (files, signals, logging); this module is what a test
 or a sharding experiment needs to run a step: `Trainer(model_config, lora_config, optimizer,
 schedule, mesh)` gives `init(rng) -> TrainState`, `step(state, base, batch) -> (state, metrics)` and
-`eval(adapter, base, batch) -> (loss_sum, tokens)`.
+`eval(adapter, base, batch) -> (loss_sum, tokens)`; `lower_step(...)` gives the same compiled step
+for abstract arguments (the TPU fit check in aot.py compiles it for a pod it does not have).
 
 Design choices, and why:
 
@@ -205,7 +206,7 @@ class Trainer:
     def __init__(self, model_config: LlamaConfig, lora_config: LoraConfig,
                  optimizer: optax.GradientTransformation, schedule: optax.Schedule, mesh: Mesh):
         self.model_config, self.lora_config, self.mesh = model_config, lora_config, mesh
-        self.model = Llama(model_config, lora_config)
+        self.model = Llama(model_config, lora_config, mesh=mesh)  # pins activation shardings on `mesh`
         self.optimizer, self.schedule = optimizer, schedule
         compiled = _compiled_steps(model_config, lora_config, optimizer, mesh)
         self.state_shardings, self._init, self._step, self._eval = compiled
@@ -241,6 +242,15 @@ class Trainer:
         learning_rate = np.float32(self.schedule(step))
         return self._step(state, base, batch, learning_rate)
 
+    def lower_step(self, state: Any, base: Any, batch: Any, learning_rate: Any) -> jax.stages.Lowered:
+        """The program `step` runs, lowered for these arguments without running it.
+
+        Arguments may be abstract — `jax.ShapeDtypeStruct`s carrying shardings, e.g.
+        `abstract_state()` — so `.compile()` builds the real step for a mesh of devices that are only
+        described (aot.py), and `.as_text()` shows its HLO. `learning_rate`: [] float32.
+        """
+        return self._step.lower(state, base, batch, learning_rate)
+
     def eval(self, adapter: Adapter, base: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
         return self._eval(adapter, base, batch)
 
@@ -253,7 +263,7 @@ def _compiled_steps(model_config: LlamaConfig, lora_config: LoraConfig, optimize
     Cached so that Trainers of the same recipe (a resumed run in the same process, tests, the
     benchmark) reuse the traced and compiled functions instead of tracing them again.
     """
-    model = Llama(model_config, lora_config)
+    model = Llama(model_config, lora_config, mesh=mesh)
 
     def init(rng: jax.Array) -> TrainState:
         adapter_rng, train_rng = jax.random.split(rng)

@@ -79,6 +79,14 @@ def analytic_train_flops(config: LlamaConfig, tokens: int, seq_len: int) -> floa
     return 3 * tokens * (2 * matmul_params + attention)
 
 
+def analytic_decode_flops(config: LlamaConfig, rows: int, cache_len: int) -> float:
+    """Matmul FLOPs of one new token per row through every layer, attending to a full cache."""
+    d, h, k, dh = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+    per_layer = d * h * dh * 2 + d * k * dh * 2 + 3 * d * config.intermediate_size
+    matmul_params = config.num_layers * per_layer + d * config.vocab_size
+    return rows * (2 * matmul_params + config.num_layers * 4 * cache_len * h * dh)
+
+
 def test_fit_check_compiles_train_and_decode_for_v5e(tmp_path):
     proc, reports = run_aot(tmp_path, "--config", "configs/tiny.py", "--topology", "v5e:2x2",
                             "--config.train.batch_size=8", "--config.data.seq_len=128",
@@ -99,6 +107,9 @@ def test_fit_check_compiles_train_and_decode_for_v5e(tmp_path):
     assert train["step_time_s"] == train["compute_time_s"] > 0
     assert train["memory_time_s"] == pytest.approx(train["bytes_accessed"] / aot.CHIPS["v5e"].hbm_bandwidth)
     assert decode["fits"] and 0 < decode["flops"] < train["flops"]
+    # generate.decode_chunk on unrolled layers: every layer counted once, plus sampling's elementwise work.
+    expected_decode = analytic_decode_flops(tiny, rows=4, cache_len=128) / decode["chips"]
+    assert 0.9 < decode["flops"] / expected_decode < 2.0, (decode["flops"], expected_decode)
     assert "train step on v5e:2x2 (4 chips, mesh data=4 fsdp=1 tensor=1)" in proc.stdout
     assert "-> fits" in proc.stdout and "/step at peak" in proc.stdout
 

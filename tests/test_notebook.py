@@ -8,10 +8,11 @@ step and sharded generation are exercised as on a Colab TPU.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,3 +43,25 @@ def test_notebook_runs_top_to_bottom_on_cpu(tmp_path, monkeypatch):
         assert f"=== {task} ===" in text  # data shown and a generation per task
         assert text.count(task) >= 3  # ... and a score line per system in the evaluation
     assert (tmp_path / "run" / "adapter").is_dir()
+
+
+def run_install_cell(cwd: Path, source: str) -> subprocess.CompletedProcess:
+    """The notebook's install cell as a script, started outside any checkout."""
+    cell = nbformat.read(NOTEBOOK, as_version=4).cells[1].source
+    env = dict(os.environ, LLAMA_E_PACKAGE_SOURCE=source)
+    return subprocess.run([sys.executable, "-c", cell], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_install_cell_explains_a_missing_or_wrong_package_source(tmp_path):
+    missing = run_install_cell(tmp_path, str(tmp_path / "nowhere"))
+    assert missing.returncode == 1
+    assert "does not exist. Upload the repository folder to /content/llama_e_jax" in missing.stderr
+    (tmp_path / "not_a_repo").mkdir()
+    wrong = run_install_cell(tmp_path, str(tmp_path / "not_a_repo"))
+    assert wrong.returncode == 1 and "does not hold the repository" in wrong.stderr
+
+
+def test_install_cell_uses_the_checkout_it_sits_in():
+    in_place = run_install_cell(NOTEBOOK.parent, "/nonexistent")  # the source is never consulted
+    assert in_place.returncode == 0, in_place.stderr
+    assert in_place.stdout.strip() == f"llama_e_jax from {REPO}"

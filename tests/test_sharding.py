@@ -288,6 +288,21 @@ def test_activation_constraint_pins_batch_split(eight_devices):
     assert eight_devices["constrain"]["no_mesh_is_noop"]
 
 
+def test_train_step_hlo_pins_activations_on_a_tensor_mesh(eight_devices):
+    """The lowered train step carries model.py's activation constraints on a tensor-parallel mesh
+    (tiny: H=4, K=2, F=128, V=256, D=64; B=8, T=16) and none on one device."""
+    lines = eight_devices["step_constraints"]["tensor4"]
+    assert eight_devices["step_constraints"]["single"] == []
+    batch = '{"data", "fsdp"}'
+    assert f'[{batch}, {{}}, {{}}] 8x16x64' in lines  # residual stream: batch split, D whole
+    assert f'[{batch}, {{}}, {{"tensor"}}, {{}}] 8x16x4x16' in lines  # q / attention output: heads split
+    assert f'[{batch}, {{}}, {{"tensor"}}] 8x16x128' in lines  # MLP hidden: F split
+    assert f'[{batch}, {{}}, {{"tensor"}}] 8x16x256' in lines  # logits: vocab split
+    # 9 pins in the forward pass (embedding and block output, q/k/v/attention output, gate/up, logits),
+    # and their transposes in the backward pass (all but the embedding's: the base gets no gradient).
+    assert len(lines) == 9 + 8, lines
+
+
 # ----------------------------------------------------------------------------- the worker
 
 
@@ -331,6 +346,25 @@ def _train(mesh, config, lora_config, base_host):
         losses.append(float(metrics["loss"]))
     placed = _placed_lines(state)
     return placed, losses, initial_adapter, jax.tree_util.tree_map(np.asarray, state.adapter), base, state.adapter
+
+
+def _step_constraints(mesh, config, lora_config) -> list[str]:
+    """`spec shape` of every sharding constraint in the lowered train step (Shardy's text form)."""
+    import re
+
+    trainer = _trainer(mesh, config, lora_config)
+    abstract = lambda tree, shardings: jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+    base = jax.eval_shape(variables_init(Llama(config, lora_config)), jax.random.key(0))["params"]
+    batch = jax.eval_shape(lambda: {k: jnp.asarray(v) for k, v in _host_batches(1)[0].items()})
+    lowered = trainer.lower_step(trainer.abstract_state(), abstract(base, sharding.param_shardings(base, mesh)),
+                                 abstract(batch, {k: sharding.batch_sharding(mesh) for k in batch}),
+                                 jax.ShapeDtypeStruct((), jnp.float32))
+    pattern = re.compile(r"sdy\.sharding_constraint %\S+ <@\w+, (\[.*?\])> : tensor<([\dx]+)x\w+>")
+    text = lowered.as_text()
+    found = [f"{spec} {shape}" for spec, shape in pattern.findall(text)]
+    assert len(found) == text.count("sharding_constraint"), "unparsed constraints in the lowered step"
+    return found
 
 
 def _generate(config, lora_config, base, adapter) -> list[list[int]]:
@@ -395,6 +429,10 @@ def _worker(part: str) -> dict:
                                    "base_spec": _spec_json(base["layers"]["attn"]["q_proj"]["kernel"].sharding.spec)}
     if part == "placement":
         out.update(_placement_checks(model, config, mesh222, base_host))
+    else:
+        tensor4 = sharding.make_mesh(MeshConfig(1, 1, 4), jax.devices()[:4])
+        out["step_constraints"] = {"tensor4": _step_constraints(tensor4, config, lora_config),
+                                   "single": _step_constraints(single, config, lora_config)}
     return out
 
 

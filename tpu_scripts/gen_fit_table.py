@@ -111,6 +111,8 @@ def render(results: dict[str, dict]) -> str:
                 for slice_name in SLICES:
                     r = results.get(row_key(model, seq_len, rows, slice_name))
                     if r is None:
+                        lines.append(f"| {model} | {seq_len} | {rows} per chip | {slice_name} | – | – | – "
+                                     "| *not yet compiled* | – | – | – | – |")
                         continue
                     if r["compiler_message"]:
                         perf = "– | – | – | –"
@@ -122,6 +124,11 @@ def render(results: dict[str, dict]) -> str:
                         fits = "yes" if r["fits"] else "**no**"
                     lines.append(f"| {model} | {seq_len} | {r['batch_size']} | {slice_name} (`{r['topology']}`) | "
                                  f"{r['chips']} | {gib(r['total_bytes'])} | {gib(r['hbm_bytes'])} | {fits} | {perf} |")
+    computed = sum(row_key(*row) in results for row in rows_in_priority_order())
+    if computed < len(rows_in_priority_order()):
+        lines += ["", f"{computed} of {len(rows_in_priority_order())} rows are compiled so far; "
+                  "`.venv-tpu/bin/python tpu_scripts/gen_fit_table.py` fills in the rest (it resumes, most-useful "
+                  "rows first)."]
     lines += ["", "Chip figures used (per chip): " + "; ".join(
         f"{c.name}: {c.hbm_bytes / aot.GIB:.0f} GiB HBM, {c.bf16_flops / 1e12:.0f} TFLOP/s bf16, "
         f"{c.hbm_bandwidth / 1e9:.0f} GB/s" for c in aot.CHIPS.values()) + ".", ""]
