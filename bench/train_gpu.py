@@ -20,16 +20,15 @@ What is measured, and why this way:
   let cuDNN's causal kernel run, and the baseline does not pack either). The base is initialised
   directly on the device in bf16 by one jit-compiled function (layer by layer, via `lax.map`), so
   no fp32 or host copy of the 13.5 GB base ever exists; only the adapter (fp32) is differentiated.
-* **Remat policies.** Each policy in `--remat` is a separate run. Besides the model's own policies,
-  this file defines `mlp_dots_saveable`: keep only the outputs of matmuls whose kernel is
-  [*, intermediate_size] (the MLP's gate and up projections) and recompute the rest of a block.
+* **Remat policies.** Each policy in `--remat` is a separate run. `mlp_dots_saveable` (model.py) keeps
+  only the MLP's gate and up projection outputs (named with `checkpoint_name`) and recomputes the
+  rest of a block.
   Why: with a frozen base, backward through a linear layer needs no saved input, so the only big
   tensors the backward needs are the attention inputs and the SwiGLU inputs. Keeping the SwiGLU
   inputs (2 x [B, T, F] per layer) and recomputing the cheaper attention block costs ~1/3 of a
   forward in extra FLOPs and fits the 21.7 GiB target, where `dots_with_no_batch_dims_saveable`
   keeps every projection output (~14.7 GiB of activations at this shape) and `full` recomputes a
-  whole forward. The policy is registered into the model's table at runtime (see
-  `register_bench_policies`) until model.py carries it. A `+rbg` suffix (`mlp_dots_saveable+rbg`)
+  whole forward. A `+rbg` suffix (`mlp_dots_saveable+rbg`)
   runs the same step with JAX's `rbg` PRNG instead of the default threefry: LoRA dropout draws
   random bits for every adapted projection's input ([B, T, D] per projection and layer, again when
   recomputed), and `rbg` uses the device's random-bit generator, which is far cheaper than threefry
@@ -100,37 +99,6 @@ def host_peak_gib() -> float:
 # ============================================================================ ours (JAX)
 
 
-def mlp_dots_saveable(prim, *avals, **params) -> bool:
-    """Remat policy: save outputs of 2-D-kernel matmuls producing the MLP width (gate, up)."""
-    from jax import lax
-
-    if prim is not lax.dot_general_p:
-        return False
-    (_, _), (lhs_batch, _) = params["dimension_numbers"]
-    rhs = avals[1]
-    return not lhs_batch and rhs.ndim == 2 and rhs.shape[-1] == _MLP_WIDTH["value"]
-
-
-_MLP_WIDTH = {"value": -1}  # set by register_bench_policies for the model being built
-
-
-def register_bench_policies(config) -> None:
-    """Adds `mlp_dots_saveable` to the model's remat-policy table unless model.py already has it."""
-    import llama_e_jax.config as config_module
-    import llama_e_jax.model as model_module
-
-    if "mlp_dots_saveable" in config_module.REMAT_POLICIES:
-        return
-    widths = {config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim}
-    if config.intermediate_size in widths:
-        raise ValueError("mlp_dots_saveable identifies MLP matmuls by width; intermediate_size must differ "
-                         f"from the attention widths {sorted(widths)}")
-    _MLP_WIDTH["value"] = config.intermediate_size
-    config_module.REMAT_POLICIES = config_module.REMAT_POLICIES + ("mlp_dots_saveable",)
-    model_policy = model_module._remat_policy
-    model_module._remat_policy = lambda name: mlp_dots_saveable if name == "mlp_dots_saveable" else model_policy(name)
-
-
 def random_base_on_device(model, config, seed: int):
     """Random base params, born on the device in `param_dtype` (normal * 0.02, norm scales 1).
 
@@ -197,7 +165,6 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
     elif option:
         raise ValueError(f"unknown variant option {option!r} in {args.remat!r} (known: rbg)")
     shape = LlamaConfig.from_preset(args.preset)
-    register_bench_policies(shape)
     config = shape.replace(param_dtype=args.dtype, dtype=args.dtype, remat_policy=policy,
                            attention_impl=args.attention)
     lora_config = LoraConfig(**LORA)

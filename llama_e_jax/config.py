@@ -16,7 +16,7 @@ from typing import Any
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
 
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "mlp_dots_saveable")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 

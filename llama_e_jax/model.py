@@ -34,6 +34,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
 from llama_e_jax import sharding
@@ -217,6 +218,7 @@ class MLP(nn.Module):
         proj = functools.partial(_projection, c, self.lora, deterministic=self.deterministic)
         gate = _pin(proj("mlp/gate_proj", c.intermediate_size)(x), "mlp", self.mesh)
         up = _pin(proj("mlp/up_proj", c.intermediate_size)(x), "mlp", self.mesh)
+        gate, up = checkpoint_name(gate, "mlp_gate"), checkpoint_name(up, "mlp_up")  # for mlp_dots_saveable
         return proj("mlp/down_proj", c.hidden_size)(nn.silu(gate) * up)
 
 
@@ -247,6 +249,9 @@ def _remat_policy(name: str):
         "full": None,
         "dots_saveable": jax.checkpoint_policies.dots_saveable,
         "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        # The two [B, T, F] MLP matmul outputs: the widest activations that are costly to recompute;
+        # the attention projections and the down projection are recomputed.
+        "mlp_dots_saveable": jax.checkpoint_policies.save_only_these_names("mlp_gate", "mlp_up"),
     }
     return policies[name]
 

@@ -245,3 +245,32 @@ def test_import_peft_from_torch_bin(tmp_path, tiny_config):
     assert lora_config.targets == lora.DEFAULT_TARGETS
     np.testing.assert_allclose(adapter["layers"]["attn"]["o_proj"]["lora_b"][1],
                                tensors["base_model.model.model.layers.1.self_attn.o_proj.lora_B.weight"].T, atol=1e-3)
+
+
+
+def test_remat_policies_keep_the_adapter_gradient(tiny_config, tiny_params, ids):
+    """Every remat policy only trades memory for recomputation: the LoRA gradient is unchanged; and
+    `mlp_dots_saveable` keeps exactly the MLP's gate and up outputs ([L, B, T, F] each) for the
+    backward pass, where `full` keeps no [B, T, F] activation at all."""
+    from jax._src.ad_checkpoint import saved_residuals  # what jax.ad_checkpoint.print_saved_residuals prints
+
+    from llama_e_jax.config import REMAT_POLICIES
+
+    lora_config = LoraConfig(rank=4, alpha=8, dropout=0.0)
+    config = tiny_config("gqa")
+    base, adapter = tiny_params(config), random_adapter(config, lora_config)
+
+    def loss_of(policy):
+        model = Llama(config.replace(remat_policy=policy), lora_config)
+        return lambda a: jax.numpy.mean(model.apply({"params": base, "lora": a}, ids) ** 2)
+
+    reference = jax.jit(jax.grad(loss_of("none")))(adapter)
+    for policy in REMAT_POLICIES:
+        grad = jax.jit(jax.grad(loss_of(policy)))(adapter)
+        for got, want in zip(jax.tree.leaves(grad), jax.tree.leaves(reference)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=policy)
+
+    mlp_shaped = (config.num_layers, *ids.shape, config.intermediate_size)
+    kept = lambda policy: sum(aval.shape == mlp_shaped for aval, _ in saved_residuals(loss_of(policy), adapter))
+    assert kept("mlp_dots_saveable") == 2
+    assert kept("full") == 0
