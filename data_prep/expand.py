@@ -1,7 +1,8 @@
 """Expand the seed instructions with a teacher model over any OpenAI-compatible API.
 
     python -m data_prep.expand --seeds data_prep/seeds --out data/expanded.jsonl --target 24000 \
-        [--base-url URL] [--model gpt-3.5-turbo-0301] [--concurrency 8] [--max-requests N] [--max-tokens N]
+        [--base-url URL] [--model gpt-3.5-turbo-0301] [--concurrency 8] [--max-requests N] [--max-tokens N] \
+        [--response-format {text,json_object,json_schema}]
 
 Each output record is one *job*: variant `k` of one seed, with the stable id `exp-<seed id>-<k>`.
 What the teacher is asked per task is described in `teacher_prompts` (rewrite the instruction only
@@ -25,7 +26,12 @@ hours against a paid, rate-limited endpoint:
   jobs in plan order. Records land in completion order; the ids, not the order, carry the identity.
 * **The API key never leaves the client.** It is not a command-line flag (it would show in `ps`), is
   left out of the config's repr, redacted from every log line that passes our handlers (servers may
-  echo it in error bodies), and a reply containing it is rejected instead of written.
+  echo it in error bodies), and a reply containing it is rejected instead of written. Keys shorter
+  than 8 characters (`x` for a local server) are no secret: redacting them would mangle every log line.
+* **Structured replies when the server offers them.** `--response-format json_schema` sends the
+  reply object's schema (`reply_schema`), which our own server (and OpenAI's) enforce while decoding,
+  so even a small local teacher answers with parseable JSON; `json_object` asks for any JSON object;
+  `text` (the default, for gpt-3.5-turbo-0301) sends nothing.
 
 `expand(config)` / `expand_async(config, client=...)` are the callable core; `main` only parses flags.
 """
@@ -60,6 +66,8 @@ DEFAULT_MODEL = "gpt-3.5-turbo-0301"  # the teacher named in the LLaMA-E paper
 RETRYABLE_STATUS = frozenset({408, 409, 429})  # plus every 5xx
 FATAL_STATUS = frozenset({401, 403, 404})  # bad key, no access, unknown model/endpoint: stop the run
 EXIT_INCOMPLETE = 3  # budget reached or some jobs gave up; rerun to fill the gaps
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+MIN_SECRET_LENGTH = 8  # shorter API keys are placeholders for local servers, not secrets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +88,7 @@ class ExpandConfig:
     max_reply_tokens: int = 1024  # `max_tokens` of each completion
     temperature: float = 1.0
     seed: int | None = None  # jitter RNG and the per-request `seed` sent to the API
-    json_mode: bool = False  # send response_format={"type": "json_object"} (not for 0301 models)
+    response_format: str = "text"  # one of RESPONSE_FORMATS; text sends none (as 0301 models need)
     request_timeout: float = 60.0  # seconds per attempt
     max_attempts: int = 8  # per job, before it is given up (a rerun tries it again)
     backoff_base: float = 1.0  # seconds; attempt i waits ~ base * 2**i, jittered, capped
@@ -97,6 +105,8 @@ class ExpandConfig:
             raise ValueError(f"unknown task(s) {unknown}; known: {TASKS}")
         if self.concurrency < 1 or self.max_attempts < 1:
             raise ValueError("concurrency and max_attempts must be >= 1")
+        if self.response_format not in RESPONSE_FORMATS:
+            raise ValueError(f"response_format={self.response_format!r}; expected one of {RESPONSE_FORMATS}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,12 +312,18 @@ class Budget:
         s.total_tokens += usage.total_tokens or (usage.prompt_tokens or 0) + (usage.completion_tokens or 0)
 
 
+def is_secret(key: str | None) -> bool:
+    """Whether `key` is worth hiding: at least MIN_SECRET_LENGTH characters."""
+    return bool(key) and len(key) >= MIN_SECRET_LENGTH
+
+
 class SecretRedactor(logging.Filter):
-    """Replaces a secret in every log record that passes (message and arguments)."""
+    """Replaces a secret in every log record that passes (message and arguments); a short key
+    (`is_secret` false) is left alone."""
 
     def __init__(self, secret: str | None):
         super().__init__()
-        self._secret = secret
+        self._secret = secret if is_secret(secret) else None
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self._secret:
@@ -376,6 +392,13 @@ def _reply_text(completion: Any) -> str:
     return text
 
 
+def reply_schema(task: str) -> dict[str, Any]:
+    """The JSON schema of the teacher's reply object for `task`: its `reply_keys`, all strings."""
+    keys = reply_keys(task)
+    return {"type": "object", "properties": {k: {"type": "string"} for k in keys}, "required": list(keys),
+            "additionalProperties": False}
+
+
 def build_record(job: Job, reply: str, *, model: str, api_key: str | None = None) -> InstructionRecord:
     """The expanded record from the teacher's reply text; raises TeacherReplyError / RecordError.
 
@@ -390,7 +413,7 @@ def build_record(job: Job, reply: str, *, model: str, api_key: str | None = None
         dropped = [o for o in seed.options if o not in record.instruction]
         if dropped:
             raise TeacherReplyError("invalid_record", f"rewritten instruction dropped option(s) {dropped}")
-    if api_key and api_key in json.dumps(obj, ensure_ascii=False):
+    if is_secret(api_key) and api_key in json.dumps(obj, ensure_ascii=False):
         raise TeacherReplyError("invalid_record", "reply contains the API key; not written")
     return record
 
@@ -409,7 +432,7 @@ class _Run:
     progress: tqdm.tqdm
 
     def redact(self, text: str) -> str:
-        return text.replace(self.api_key, "***") if self.api_key else text
+        return text.replace(self.api_key, "***") if is_secret(self.api_key) else text
 
     def backoff_seconds(self, attempt: int, retry_after: float | None) -> float:
         step = min(self.config.backoff_cap, self.config.backoff_base * 2**attempt)
@@ -418,7 +441,7 @@ class _Run:
             delay = max(delay, min(retry_after, self.config.backoff_cap))
         return delay
 
-    def request_kwargs(self, job: Job) -> dict[str, Any]:
+    def request_kwargs(self, job: Job, attempt: int = 0) -> dict[str, Any]:
         cfg = self.config
         kwargs: dict[str, Any] = dict(
             model=cfg.model,
@@ -426,16 +449,21 @@ class _Run:
             temperature=cfg.temperature,
             max_tokens=cfg.max_reply_tokens,
         )
-        if cfg.seed is not None:  # stable per job, so a rerun asks the same question the same way
-            kwargs["seed"] = (cfg.seed * 1_000_003 + zlib.crc32(job.record_id.encode())) % 2**31
-        if cfg.json_mode:
+        if cfg.seed is not None:
+            # Stable per (job, attempt): a rerun asks the same question the same way, while a retry
+            # after a bad reply samples anew (a seeded server would repeat the bad reply).
+            kwargs["seed"] = (cfg.seed * 1_000_003 + zlib.crc32(f"{job.record_id}#{attempt}".encode())) % 2**31
+        if cfg.response_format == "json_object":
             kwargs["response_format"] = {"type": "json_object"}
+        elif cfg.response_format == "json_schema":
+            kwargs["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": f"{job.seed.task}_reply", "schema": reply_schema(job.seed.task), "strict": True}}
         return kwargs
 
-    async def attempt(self, job: Job) -> InstructionRecord:
-        """One request for `job`; raises _Retry on any failure."""
+    async def attempt(self, job: Job, attempt: int = 0) -> InstructionRecord:
+        """Attempt number `attempt` (0-based) at `job`; raises _Retry on any failure."""
         try:
-            completion = await self.client.chat.completions.create(**self.request_kwargs(job))
+            completion = await self.client.chat.completions.create(**self.request_kwargs(job, attempt))
         except (openai.APIError, json.JSONDecodeError) as error:
             try:
                 failure = classify_api_error(error)
@@ -456,7 +484,7 @@ class _Run:
             if not self.budget.take_request():
                 return None
             try:
-                return await self.attempt(job)
+                return await self.attempt(job, attempt)
             except _Retry as failure:
                 last_try = not failure.retryable or attempt + 1 == self.config.max_attempts
                 if last_try:
@@ -592,7 +620,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-reply-tokens", type=int, default=1024, help="max_tokens of each completion")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, help="seed for backoff jitter and the API's per-request seed")
-    p.add_argument("--json-mode", action="store_true", help='send response_format {"type": "json_object"}')
+    p.add_argument("--response-format", choices=RESPONSE_FORMATS, default="text",
+                   help="json_schema: send the reply's JSON schema (constrained decoding on our server); "
+                        "json_object: ask for any JSON object; text: send nothing (default)")
     p.add_argument("--request-timeout", type=float, default=60.0, help="seconds per attempt")
     p.add_argument("--max-attempts", type=int, default=8, help="attempts per record before giving up")
     p.add_argument("--backoff-base", type=float, default=1.0, help="seconds; doubles per attempt")
@@ -610,7 +640,7 @@ def config_from_args(args: argparse.Namespace) -> ExpandConfig:
         seeds=tuple(args.seeds), out=args.out, per_seed=args.per_seed, target=args.target,
         tasks=tuple(args.tasks), model=args.model, base_url=args.base_url, concurrency=args.concurrency,
         max_requests=args.max_requests, max_tokens=args.max_tokens, max_reply_tokens=args.max_reply_tokens,
-        temperature=args.temperature, seed=args.seed, json_mode=args.json_mode,
+        temperature=args.temperature, seed=args.seed, response_format=args.response_format,
         request_timeout=args.request_timeout, max_attempts=args.max_attempts, backoff_base=args.backoff_base,
         backoff_cap=args.backoff_cap, progress=not args.no_progress,
     )

@@ -35,6 +35,10 @@ Design, and why:
 * Sampling: a sampler from sampling.py, with one value per row, and one PRNG key per row derived
   from (seed, sequence index) and folded with the step number: seeded output does not depend on
   what else shares the batch.
+* Structured outputs: a row may follow a token program (structured.py, e.g. a JSON schema's
+  object). Before sampling, its logits are masked to what the program's current entry allows; after,
+  its program counter advances and the row stops when the program ends. All on device, per row;
+  unconstrained rows are untouched.
 * Adapters are merged into the base weights before decoding (`lora.merge`): no extra matmuls.
 * Sharded params (sharding.py) work unchanged: the functions are jitted without placement; each
   layer's slice keeps its parameter's sharding minus the layer axis and the cache follows the
@@ -62,7 +66,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_e_jax import sampling
+from llama_e_jax import sampling, structured
 from llama_e_jax.config import LlamaConfig
 from llama_e_jax.lora import LoraLinear
 from llama_e_jax.model import MLP, AttentionContext, Block, RMSNorm, apply_rotary, attention_mask, rope_inverse_frequencies
@@ -115,6 +119,11 @@ class DecodeState:
       stop_ids: [B, M, W] int32, stop sequences right-aligned; -1 pads (matches anything); a stop
         whose last entry is -1 is unused.
       eos_ids: [E] int32, tokens that end a sequence.
+      program: [B, P] int32, each row's token program (structured.py): forced token ids >= 0,
+        FREE_STRING and END; an unconstrained row has NONE in entry 0.
+      pc: [B] int32, the program entry the row's next token must satisfy.
+      string_safe / close_quote: [V] bool, the tokens allowed inside a JSON string body / the tokens
+        that end one (set by the session before its first constrained row; unused until then).
       rng: [B] PRNG keys, one per row.
       sampler: the session's sampler with one value per row in each numeric field ([B] leaves).
     """
@@ -130,6 +139,10 @@ class DecodeState:
     recent: jax.Array
     stop_ids: jax.Array
     eos_ids: jax.Array
+    program: jax.Array
+    pc: jax.Array
+    string_safe: jax.Array
+    close_quote: jax.Array
     rng: jax.Array
     sampler: Any
 
@@ -149,8 +162,8 @@ class Admission:
     prompt_ids: [b, T] each prompt but its last token, right-padded; prompt_lengths: [b] their
     lengths (prompt length - 1, may be 0); last_tokens: [b] each prompt's last token, which the first
     decode step feeds; rows: [b] target rows; max_new_tokens: [b]; seeds / streams: [b] uint32, the
-    row key is fold_in(key(seed), stream); stop_ids: [b, M, W]; sampler: the rows' sampler values
-    ([b] leaves).
+    row key is fold_in(key(seed), stream); stop_ids: [b, M, W]; programs: [b, P] token programs;
+    sampler: the rows' sampler values ([b] leaves).
     """
 
     prompt_ids: jax.Array
@@ -161,6 +174,7 @@ class Admission:
     seeds: jax.Array
     streams: jax.Array
     stop_ids: jax.Array
+    programs: jax.Array
     sampler: Any
 
 
@@ -371,18 +385,45 @@ def _record(state: DecodeState, new_tokens: jax.Array, emitting: jax.Array) -> D
     stop_matches = (state.stop_ids == -1) | (state.stop_ids == recent[:, None, :])  # [B, M, W]
     hit_stop = jnp.any(jnp.all(stop_matches, axis=-1) & (state.stop_ids[..., -1] >= 0), axis=-1)
     at_budget = num_generated >= state.max_new_tokens
-    reason = jnp.where(is_eos, FINISHED_EOS, jnp.where(hit_stop, FINISHED_STOP, FINISHED_LENGTH))
-    ending = emitting & (is_eos | hit_stop | at_budget)
+    pc, program_done = _advance_program(state, new_tokens, emitting)
+    ended_well = is_eos | program_done  # a completed program ends like EOS: finish_reason "stop"
+    reason = jnp.where(ended_well, FINISHED_EOS, jnp.where(hit_stop, FINISHED_STOP, FINISHED_LENGTH))
+    ending = emitting & (ended_well | hit_stop | at_budget)
     return state.replace(
         tokens=jnp.where(emitting, new_tokens, state.tokens),
         num_generated=num_generated,
         recent=recent,
+        pc=pc,
         finish=jnp.where(ending, reason, state.finish).astype(jnp.int32),
         active=state.active & ~ending,
     )
 
 
+def _program_entry(program: jax.Array, pc: jax.Array) -> jax.Array:  # [B, P], [B] -> [B]
+    return jnp.take_along_axis(program, jnp.minimum(pc, program.shape[1] - 1)[:, None], axis=1)[:, 0]
+
+
+def _advance_program(state: DecodeState, new_tokens: jax.Array, emitting: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Moves each row's program counter past the entry its new token satisfied: a forced token always,
+    a string body when the token closes it. Returns (pc [B], program reached END [B])."""
+    entry = _program_entry(state.program, state.pc)
+    closes = state.close_quote[new_tokens]
+    advance = emitting & ((entry >= 0) | ((entry == structured.FREE_STRING) & closes))
+    pc = state.pc + advance.astype(jnp.int32)
+    return pc, advance & (_program_entry(state.program, pc) == structured.END)
+
+
+def _allowed_tokens(state: DecodeState, vocab_size: int) -> jax.Array:  # -> [B, V] bool
+    """What each row's program entry allows: its forced token, a string body's tokens, or anything."""
+    entry = _program_entry(state.program, state.pc)[:, None]  # [B, 1]
+    forced = jnp.arange(vocab_size, dtype=jnp.int32)[None, :] == entry
+    in_string = (state.string_safe | state.close_quote)[None, :]
+    return jnp.where(entry >= 0, forced, jnp.where(entry == structured.FREE_STRING, in_string, True))
+
+
 def _sample(state: DecodeState, logits: jax.Array) -> jax.Array:  # [B, V] -> [B]
+    # Unconstrained rows keep their logits bit for bit (where(True, x, .) is x).
+    logits = jnp.where(_allowed_tokens(state, logits.shape[-1]), logits, -jnp.inf)
     return state.sampler.get_next_tokens(logits, _step_keys(state))
 
 
@@ -416,6 +457,8 @@ def prefill(config: LlamaConfig, weights: dict, state: DecodeState, admission: A
         finish=put(state.finish, jnp.zeros_like(rows)),
         recent=put(state.recent, jnp.full((rows.shape[0], state.recent.shape[1]), -2, jnp.int32)),
         stop_ids=put(state.stop_ids, admission.stop_ids),
+        program=put(state.program, admission.programs),
+        pc=put(state.pc, jnp.zeros_like(rows)),
         rng=state.rng.at[rows].set(row_keys, mode="drop"),
         sampler=jax.tree.map(put, state.sampler, admission.sampler),
     )
@@ -491,8 +534,12 @@ def new_state(
     max_length: int,
     sampler: Any,
     eos_ids: Sequence[int],
+    program_length: int = structured.PROGRAM_LENGTH,
 ) -> DecodeState:
-    """An empty session: no active rows, a zeroed cache placed by the cache rule when sharded."""
+    """An empty session: no active rows, a zeroed cache placed by the cache rule when sharded.
+
+    `program_length` (P) bounds the token program of a constrained row (structured.py).
+    """
     dtype = jnp.dtype(config.dtype)
     row_shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
     if _is_unrolled(weights):
@@ -520,6 +567,10 @@ def new_state(
         recent=jnp.full((batch_size, STOP_WINDOW), -2, jnp.int32),
         stop_ids=jnp.full((batch_size, MAX_DEVICE_STOPS, STOP_WINDOW), -1, jnp.int32),
         eos_ids=jnp.asarray(sorted(set(eos_ids)) or [-1], jnp.int32),
+        program=jnp.full((batch_size, program_length), structured.NONE, jnp.int32),
+        pc=per_row(),
+        string_safe=jnp.zeros((config.vocab_size,), bool),
+        close_quote=jnp.zeros((config.vocab_size,), bool),
         rng=jax.random.split(jax.random.key(0), batch_size),
         sampler=sampler_rows([sampler], batch_size),
     )
@@ -576,7 +627,8 @@ class Request:
 
     `on_update(progress)` (optional) is called from the decoding thread whenever new tokens arrived
     and once more when the request finishes. `cancel()` may be called from any thread; the row is
-    freed at the next chunk boundary.
+    freed at the next chunk boundary. `program` (optional) is a token program from structured.py
+    that the generated tokens must follow (e.g. a JSON object of a schema).
     """
 
     prompt_ids: list[int]
@@ -586,6 +638,7 @@ class Request:
     seed: int = 0
     stream: int = 0
     on_update: Callable[[Progress], None] | None = None
+    program: Sequence[int] | None = None
     token_ids: list[int] = dataclasses.field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
@@ -659,6 +712,7 @@ def make_admission(
     batch_size: int,
     max_length: int,
     encode: Callable[[str], list[int]],
+    program_length: int = structured.PROGRAM_LENGTH,
 ) -> Admission:
     """Prefill inputs for `requests` going into cache `rows`, padded to bucketed shapes.
 
@@ -675,6 +729,7 @@ def make_admission(
     budgets = np.ones((count,), np.int32)
     seeds, streams = np.zeros((count,), np.uint32), np.zeros((count,), np.uint32)
     stop_ids = np.full((count, MAX_DEVICE_STOPS, STOP_WINDOW), -1, np.int32)
+    programs = np.stack([structured.pad_program(None, program_length)] * count)
     for i, (request, row) in enumerate(zip(requests, rows)):
         n = len(request.prompt_ids)
         ids[i, :n - 1], lengths[i], last_tokens[i] = request.prompt_ids[:-1], n - 1, request.prompt_ids[-1]
@@ -682,9 +737,10 @@ def make_admission(
         budgets[i] = min(request.max_new_tokens, max_length - n)
         seeds[i], streams[i] = request.seed % 2**32, request.stream % 2**32
         stop_ids[i] = _device_stop_ids(request.stop, encode)
+        programs[i] = structured.pad_program(request.program, program_length)
     return Admission(
         prompt_ids=ids, prompt_lengths=lengths, last_tokens=last_tokens, rows=target_rows, max_new_tokens=budgets,
-        seeds=seeds, streams=streams, stop_ids=stop_ids,
+        seeds=seeds, streams=streams, stop_ids=stop_ids, programs=programs,
         sampler=sampler_rows([request.sampler for request in requests], count),
     )
 
@@ -705,8 +761,10 @@ class DecodeSession:
         self.generator = generator
         self.batch_size, self.max_length, self.chunk_size = batch_size, max_length, chunk_size
         self.sampler_type = jax.tree.structure(sampler)
+        self.program_length = generator.program_length
         self.state = new_state(generator.config, generator.weights, batch_size, max_length, sampler,
-                               generator.eos_ids)
+                               generator.eos_ids, self.program_length)
+        self._vocab_masks_set = False  # structured.vocab_masks go into the state on first use
         self.rows: list[Request | None] = [None] * batch_size
         self.queue: collections.deque[Request] = collections.deque()
         self.rows_in_last_chunk = 0  # sequences that shared the last decode chunk
@@ -730,6 +788,24 @@ class DecodeSession:
             raise GenerationError(f"max_new_tokens={seq.max_new_tokens} must be at least 1")
         if jax.tree.structure(seq.sampler) != self.sampler_type:
             raise GenerationError(f"sampler {seq.sampler} does not match this session's {self.sampler_type}")
+        if seq.program is not None:
+            self._check_program(seq.program)
+
+    def _check_program(self, program: Sequence[int]) -> None:
+        if len(program) > self.program_length:
+            raise GenerationError(f"the output constraint compiles to {len(program)} tokens; this session allows "
+                                  f"at most {self.program_length}")
+        if not len(program) or program[-1] != structured.END or max(program) >= self.generator.config.vocab_size:
+            raise GenerationError("malformed token program: it must end with END and hold only valid token ids")
+        try:
+            self.vocab_masks()
+        except structured.SchemaError as error:
+            raise GenerationError(str(error)) from None
+
+    def vocab_masks(self) -> structured.VocabMasks:
+        """The structured-output masks of this session's tokenizer (built once per tokenizer)."""
+        return structured.vocab_masks(self.generator.tokenizer, self.generator.config.vocab_size,
+                                      self.generator.eos_ids)
 
     def submit(self, seq: Request) -> None:
         self.check(seq)
@@ -764,8 +840,13 @@ class DecodeSession:
         group = [self.queue.popleft() for _ in range(min(len(free), len(self.queue)))]
         if not group:
             return
+        if not self._vocab_masks_set and any(seq.program is not None for seq in group):
+            masks = self.vocab_masks()
+            self.state = self.state.replace(string_safe=jnp.asarray(masks.string_safe),
+                                            close_quote=jnp.asarray(masks.close_quote))
+            self._vocab_masks_set = True
         admission = make_admission(group, free[:len(group)], self.batch_size, self.max_length,
-                                   self.generator.tokenizer.encode)
+                                   self.generator.tokenizer.encode, self.program_length)
         self.state = prefill(self.generator.config, self.generator.weights, self.state, admission)
         for seq, row in zip(group, free):
             self.rows[row] = seq
@@ -811,6 +892,7 @@ class Generator:
         between).
       layer_loop: "unroll" (fast decode, default) or "scan" (faster compile for deep models on CPU).
       eos_ids: tokens that end a sequence (default: the config's EOS ids and the tokenizer's EOS).
+      program_length: the longest token program (structured output constraint) a row may follow.
     """
 
     def __init__(
@@ -826,6 +908,7 @@ class Generator:
         chunk_size: int = 32,
         layer_loop: str = "unroll",
         eos_ids: Sequence[int] | None = None,
+        program_length: int = structured.PROGRAM_LENGTH,
     ) -> None:
         if layer_loop not in ("unroll", "scan"):
             raise GenerationError(f"layer_loop={layer_loop!r}, expected 'unroll' or 'scan'")
@@ -846,6 +929,7 @@ class Generator:
         if eos_ids is None:
             eos_ids = set(config.eos_token_ids) | {getattr(tokenizer, "eos_id", None)} - {None}
         self.eos_ids = tuple(sorted(eos_ids))
+        self.program_length = program_length
 
     # ---------------------------------------------------------------- text
 

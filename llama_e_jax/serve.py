@@ -5,7 +5,10 @@
 
 Endpoints: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (streaming as
 server-sent events ending with `data: [DONE]`, or not), with `max_tokens`, `temperature`, `top_p`,
-`stop`, `n`, `seed`, `stream_options.include_usage`, and `usage` counts. Chat prompts use the
+`stop`, `n`, `seed`, `stream_options.include_usage`, and `usage` counts. Chat completions take
+`response_format` `{"type": "text"}` or `{"type": "json_schema", "json_schema": {"name": ...,
+"schema": {...}}}` for a flat object of required string properties: decoding is then constrained
+(structured.py) so the reply parses as that object. Chat prompts use the
 model's chat template; `--template instruction` (or `"template": "instruction"` in a request body,
 `extra_body` in the openai client) uses the Alpaca template LLaMA-E was tuned with instead: the last
 user message is the instruction and an optional `"input"` body field its input.
@@ -47,7 +50,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llama_e_jax import sampling
+from llama_e_jax import sampling, structured
 from llama_e_jax.generate import (GenerationError, Generator, Progress, Request, enable_compilation_cache,
                                   load_generator, stable_text_end)
 
@@ -114,6 +117,7 @@ class ChatBody(_GenerationBody):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     template: Literal["chat", "instruction"] | None = None
     input: str = ""  # the instruction template's "### Input:" text
+    response_format: dict[str, Any] | None = None  # text, or json_schema (structured.py)
 
 
 class CompletionBody(_GenerationBody):
@@ -122,7 +126,8 @@ class CompletionBody(_GenerationBody):
 
 
 # Options that would change the output and that this server does not implement: refusing them
-# beats returning something else than what was asked for. (field, value meaning "off")
+# beats returning something else than what was asked for. (field, value meaning "off"); a field the
+# body declares (chat's response_format) is handled by its endpoint instead.
 _UNSUPPORTED = (("frequency_penalty", 0), ("presence_penalty", 0), ("logit_bias", None), ("logit_bias", {}),
                 ("logprobs", None), ("logprobs", False), ("top_logprobs", None), ("tools", None),
                 ("functions", None), ("response_format", None), ("response_format", {"type": "text"}),
@@ -148,7 +153,7 @@ def _parse(body_type: type[_Strict], raw: bytes) -> Any:
     for field, off in _UNSUPPORTED:
         off_values.setdefault(field, []).append(off)
     for field, offs in off_values.items():
-        if field in payload and payload[field] not in offs:
+        if field in payload and payload[field] not in offs and field not in body_type.model_fields:
             raise ApiError(400, f"{field}={json.dumps(payload[field])[:80]} is not supported by this server",
                            param=field, code="unsupported_parameter")
     return body
@@ -337,9 +342,10 @@ def create_app(engine: BatchingEngine, *, model_name: str, api_key: str | None =
     async def chat_completions(request: HttpRequest):
         body = _parse(ChatBody, await request.body())
         _check_model(served, body.model)
+        program = _response_program(served, body.response_format)
         prompt_ids = [_encode(served, _chat_prompt(served, body), "messages")]
         max_tokens = body.max_completion_tokens or body.max_tokens or served.engine.max_length
-        return await _respond(served, body, prompt_ids, max_tokens, kind="chat.completion")
+        return await _respond(served, body, prompt_ids, max_tokens, kind="chat.completion", program=program)
 
     return app
 
@@ -386,6 +392,25 @@ def _chat_prompt(served: _Served, body: ChatBody) -> str:
         raise ApiError(400, f"messages: the chat template refused them: {error}", param="messages") from None
 
 
+def _response_program(served: _Served, response_format: dict[str, Any] | None) -> list[int] | None:
+    """The token program that constrains the reply (structured.py), or None for plain text."""
+    try:
+        program = structured.compile_response_format(response_format, served.generator.tokenizer.encode)
+        if program is not None:
+            served.engine.session.vocab_masks()  # the tokenizer must support it (built once, cached)
+    except structured.SchemaError as error:
+        raise ApiError(400, f"response_format: {error}", param="response_format",
+                       code="unsupported_parameter") from None
+    if program is None:
+        return None
+    limit = served.engine.session.program_length
+    if len(program) > limit:
+        raise ApiError(400, f"response_format: the schema's fixed text takes {len(program)} tokens; this server "
+                       f"allows at most {limit} (fewer or shorter property names)", param="response_format",
+                       code="unsupported_parameter")
+    return program.tolist()
+
+
 def _completion_prompts(served: _Served, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
     """Token ids of each prompt; /v1/completions takes text, texts, token ids or lists of token ids."""
     if isinstance(prompt, str):
@@ -417,12 +442,13 @@ def _encode(served: _Served, text: str | list[int], param: str) -> list[int]:
 # ============================================================================= running a request
 
 
-def _requests(body: _GenerationBody, prompt_ids: list[list[int]], max_tokens: int) -> list[Request]:
+def _requests(body: _GenerationBody, prompt_ids: list[list[int]], max_tokens: int,
+              program: list[int] | None = None) -> list[Request]:
     """One engine Request per (prompt, choice); choice j of a seeded request samples with (seed, j)."""
     sampler = sampling.from_openai(temperature=body.temperature, top_p=body.top_p)
     seed = body.seed if body.seed is not None else uuid.uuid4().int % 2**32
     stop = _stop_strings(body.stop)
-    return [Request(list(ids), max_tokens, sampler, stop, seed=seed, stream=choice)
+    return [Request(list(ids), max_tokens, sampler, stop, seed=seed, stream=choice, program=program)
             for ids in prompt_ids for choice in range(body.n)]
 
 
@@ -457,8 +483,8 @@ async def _updates(served: _Served, requests: list[Request]) -> AsyncIterator[tu
 
 
 async def _respond(served: _Served, body: _GenerationBody, prompt_ids: list[list[int]], max_tokens: int,
-                   kind: str):
-    requests = _requests(body, prompt_ids, max_tokens)
+                   kind: str, program: list[int] | None = None):
+    requests = _requests(body, prompt_ids, max_tokens, program)
     prompt_tokens = sum(len(ids) for ids in prompt_ids)
     response_id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
     header = {"id": response_id, "created": int(time.time()), "model": served.model_name}

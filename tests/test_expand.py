@@ -277,3 +277,52 @@ def test_api_key_is_never_written_to_logs_or_outputs(tmp_path, seeds_file):
     assert API_KEY not in result.stdout + result.stderr
     assert json.loads(summary_file.read_text())["written"] == 10
     assert API_KEY not in repr(_config(seeds_file, out, server))
+
+
+def test_short_keys_are_not_redacted_but_real_ones_are():
+    import logging
+
+    def filtered(secret: str, message: str) -> str:
+        record = logging.LogRecord("t", logging.INFO, __file__, 1, message, None, None)
+        ex.SecretRedactor(secret).filter(record)
+        return record.getMessage()
+
+    assert filtered("x", "expanding with x") == "expanding with x"  # OPENAI_API_KEY=x for a local server
+    assert filtered(API_KEY, f"echo {API_KEY}!") == "echo ***!"
+    job = ex.Job(parse_record(SEEDS[0], "t"), 0)
+    reply = '{"instruction": "Write an ad.", "input": "x", "output": "Boil fast, x."}'
+    assert ex.build_record(job, reply, model="m", api_key="x").input == "x"  # not "contains the key"
+    with pytest.raises(TeacherReplyError, match="API key"):
+        ex.build_record(job, reply.replace("Boil", API_KEY), model="m", api_key=API_KEY)
+
+
+@pytest.mark.parametrize("fmt, sent", [
+    ("text", None),
+    ("json_object", {"type": "json_object"}),
+    ("json_schema", {"type": "json_schema", "json_schema": {"name": "product_classification_reply", "strict": True,
+     "schema": {"type": "object", "properties": {"instruction": {"type": "string"}}, "required": ["instruction"],
+                "additionalProperties": False}}}),
+])
+def test_response_format_flag_decides_what_is_sent(tmp_path, fmt, sent):
+    args = ex.parse_args(["--out", str(tmp_path / "o.jsonl"), "--per-seed", "1", "--response-format", fmt])
+    config = ex.config_from_args(args)
+    run = ex._Run(config=config, client=None, api_key=None, summary=ex.ExpandSummary(), budget=None,
+                  appender=None, rng=None, progress=None)
+    kwargs = run.request_kwargs(ex.Job(parse_record(SEEDS[4], "t"), 0))
+    assert kwargs.get("response_format") == sent
+    with pytest.raises(SystemExit):
+        ex.parse_args(["--out", "o", "--per-seed", "1", "--json-mode"])  # the old flag is gone
+
+
+def test_request_seed_is_stable_per_attempt_and_new_per_retry(tmp_path):
+    """A rerun repeats each attempt's seed (same question, same way); a retry after a bad reply sends
+    another seed, since a seeded teacher would otherwise repeat the reply that just failed."""
+    args = ex.parse_args(["--out", str(tmp_path / "o.jsonl"), "--per-seed", "1", "--seed", "7"])
+    run = ex._Run(config=ex.config_from_args(args), client=None, api_key=None, summary=ex.ExpandSummary(),
+                  budget=None, appender=None, rng=None, progress=None)
+    job = ex.Job(parse_record(SEEDS[4], "t"), 0)
+    seeds = [run.request_kwargs(job, attempt)["seed"] for attempt in (0, 1, 2, 0)]
+    assert seeds[0] == seeds[3]
+    assert len(set(seeds[:3])) == 3
+    other_job = ex.Job(parse_record(SEEDS[4], "t"), 1)
+    assert run.request_kwargs(other_job, 0)["seed"] != seeds[0]
