@@ -266,8 +266,10 @@ def _logits(config: LlamaConfig, weights: dict, h: jax.Array) -> jax.Array:  # [
     dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
     h = RMSNorm(config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype).apply({"params": weights["final_norm"]}, h)
     if config.tie_word_embeddings:
-        embed = nn.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype)
-        logits = embed.apply({"params": weights["embed"]}, h, method="attend")
+        # Embed.attend's h @ E.T, as one dot_general on the stored [V, D] table: XLA:CPU turned the
+        # explicit transpose into a per-step copy of the whole table (113 MB for SmolLM2) at batch 1.
+        embedding = weights["embed"]["embedding"].astype(dtype)
+        logits = jnp.einsum("bd,vd->bv", h.astype(dtype), embedding)
     else:
         logits = LoraLinear(config.vocab_size, dtype=dtype, param_dtype=param_dtype).apply(
             {"params": weights["lm_head"]}, h)
