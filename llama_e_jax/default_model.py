@@ -50,6 +50,15 @@ def cache_dir() -> Path:
     return path
 
 
+def enable_compilation_cache(min_compile_time_s: float = 1.0) -> None:
+    """Keeps compiled programs under `<cache>/xla` (JAX's persistent cache), so that the next CLI run,
+    resumed training or server start skips the compiles it has already done."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_s)
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

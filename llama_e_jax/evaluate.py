@@ -196,7 +196,7 @@ def load_base(model: str | None, tokenizer: str | None, dtype: str) -> tuple[Any
                          f"preset in {PRESETS_DIR}")
     tokenizer_source = tokenizer or model
     if tokenizer_source == "bytes":
-        from llama_e_jax.train import ByteTokenizer
+        from llama_e_jax.tokenizer import ByteTokenizer
 
         loaded_tokenizer = ByteTokenizer()
     else:

@@ -68,6 +68,7 @@ import numpy as np
 
 from llama_e_jax import sampling, structured
 from llama_e_jax.config import LlamaConfig
+from llama_e_jax.default_model import enable_compilation_cache
 from llama_e_jax.lora import LoraLinear
 from llama_e_jax.model import MLP, AttentionContext, Block, RMSNorm, apply_rotary, attention_mask, rope_inverse_frequencies
 
@@ -1040,14 +1041,6 @@ def _load_adapter(directory: str, config: LlamaConfig):
 
 
 # ============================================================================= CLI
-
-
-def enable_compilation_cache() -> None:
-    """Keeps compiled programs under $LLAMA_E_CACHE/xla, so the next CLI or server start skips compiling."""
-    from llama_e_jax.default_model import cache_dir
-
-    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def _prompts_from_args(args: argparse.Namespace, tokenizer: Any) -> list[tuple[str, str]]:

@@ -20,6 +20,8 @@ Two sources:
   pre-tokenizer that name stands for (for SmolLM: every digit split off, then GPT-2's regex — the
   vocabulary has no multi-digit token, which is how one can tell).
 
+`ByteTokenizer` (UTF-8 bytes as ids) is the tokenizer of random test models (configs/tiny.py).
+
 `Tokenizer.save(dir)` writes the HF files, so a GGUF-born tokenizer can be loaded by transformers'
 `AutoTokenizer` too (tests check both agree on every id).
 """
@@ -340,3 +342,19 @@ def _gguf_pre_tokenizer(name: str, path: Path) -> pre_tokenizers.PreTokenizer:
         )
     known = sorted(_DIGITS_THEN_GPT2 + _GPT2_ONLY + _LLAMA3_NAMES)
     raise TokenizerError(f"{path}: field tokenizer.ggml.pre={name!r} is not supported (known: {', '.join(known)})")
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids (0 = pad, 1 = bos, 2 = eos): the tokenizer of random test models.
+
+    Bytes 0-2 are control characters that never occur in instruction text, so the ids do not clash.
+    """
+
+    pad_id, bos_id, eos_id, add_bos = 0, 1, 2, True
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return bytes(i for i in ids if i > 2).decode("utf-8", errors="replace")

@@ -57,7 +57,9 @@ from llama_e_jax import lora as lora_lib
 from llama_e_jax import distributed, sharding
 from llama_e_jax.checkpoint import Checkpoints, expected_meta
 from llama_e_jax.config import LlamaConfig
+from llama_e_jax.default_model import enable_compilation_cache
 from llama_e_jax.metrics_log import MetricsLogger, format_duration
+from llama_e_jax.tokenizer import ByteTokenizer
 from llama_e_jax.train_state import Trainer, TrainState, make_optimizer, perplexity
 
 log = logging.getLogger(__name__)
@@ -204,22 +206,6 @@ def lora_config_of(config: ml_collections.ConfigDict) -> lora_lib.LoraConfig:
 
 
 # =========================================================================================== model
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as token ids (0 = pad, 1 = bos, 2 = eos): the tokenizer of random test models.
-
-    Bytes 0-2 are control characters that never occur in instruction text, so the ids do not clash.
-    """
-
-    pad_id, bos_id, eos_id, add_bos = 0, 1, 2, True
-    vocab_size = 256
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return bytes(i for i in ids if i > 2).decode("utf-8", errors="replace")
 
 
 @dataclasses.dataclass
@@ -703,20 +689,12 @@ def _gather(tree: Any) -> Any:
 # ============================================================================================ CLI
 
 
-def enable_compilation_cache() -> None:
-    """Keep compiled steps on disk (`<cache>/jax_compilation_cache`), so a rerun or resume skips compiling."""
-    from llama_e_jax.default_model import cache_dir
-
-    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax_compilation_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit status: 0 completed or preempted (checkpoint written), 1 diverged, 2 bad config/input."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "orbax", "jax._src", "tensorflow_datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    enable_compilation_cache()
+    enable_compilation_cache(min_compile_time_s=0.2)  # small steps too: a resume should not recompile
     distributed.initialize()  # joins a multi-host job when the environment describes one; else nothing
     try:
         config = parse_args(sys.argv[1:] if argv is None else argv)

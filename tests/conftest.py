@@ -23,6 +23,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from llama_e_jax.config import LlamaConfig, RopeScaling  # noqa: E402
+from llama_e_jax.default_model import enable_compilation_cache  # noqa: E402
+
+# Identical programs (the tiny train step of test_train's many runs, the default model's steps) compile
+# once per machine: JAX's persistent cache under $LLAMA_E_CACHE, as the CLIs use it.
+enable_compilation_cache(min_compile_time_s=0.2)
 
 REAL_MODEL_FIXTURES = ("smollm2_gguf", "smollm2_hf_dir", "smollm2_params")
 

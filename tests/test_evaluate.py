@@ -47,7 +47,7 @@ def tiny_model():
     from conftest import random_params
 
     from llama_e_jax.config import LlamaConfig
-    from llama_e_jax.train import ByteTokenizer
+    from llama_e_jax.tokenizer import ByteTokenizer
 
     config = LlamaConfig.from_preset("tiny")
     return config, random_params(config, seed=0), ByteTokenizer()

@@ -369,7 +369,7 @@ def _step_constraints(mesh, config, lora_config) -> list[str]:
 
 def _generate(config, lora_config, base, adapter) -> list[list[int]]:
     from llama_e_jax.generate import Generator
-    from llama_e_jax.train import ByteTokenizer
+    from llama_e_jax.tokenizer import ByteTokenizer
 
     prompts = [list(np.random.default_rng(i).integers(3, 256, size=3 + i)) for i in range(8)]
     generator = Generator(config, base, ByteTokenizer(), adapter=adapter, lora_config=lora_config,

@@ -33,7 +33,6 @@ from llama_e_jax.weights import load_hf_checkpoint, save_hf_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 
-train.enable_compilation_cache()
 
 
 def tiny(tmp_path: Path, name: str = "run", **overrides) -> ml_collections.ConfigDict:

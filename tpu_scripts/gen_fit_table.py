@@ -50,10 +50,10 @@ SLICE_PRIORITY = ("v5e-8", "v5p-8", "v6e-8", "v4-8", "v5e-16")  # quickest compi
 
 
 def rows_in_priority_order() -> list[tuple[str, int, int, str]]:
-    """Slice by slice, each with every model, sequence length and batch: a partial table still
-    answers every model/shape question for the slices it has."""
-    return [(model, seq_len, rows, slice_name) for slice_name in SLICE_PRIORITY for model in MODELS
-            for seq_len in SEQ_LENS for rows in ROWS_PER_CHIP]
+    """Slice by slice; within a slice every model at the smallest shape first, so a partial table
+    still answers "which model fits where" for the slices it has."""
+    return [(model, seq_len, rows, slice_name) for slice_name in SLICE_PRIORITY for rows in ROWS_PER_CHIP
+            for seq_len in SEQ_LENS for model in MODELS]
 
 
 def row_key(model: str, seq_len: int, rows_per_chip: int, slice_name: str) -> str:
