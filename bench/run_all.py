@@ -61,15 +61,9 @@ def usable_cores() -> int:
 
 
 def versions() -> dict[str, str]:
-    from importlib import metadata
+    from llama_e_jax.metrics_log import package_versions
 
-    found = {"python": platform.python_version()}
-    for name in ("jax", "jaxlib", "flax", "optax", "tokenizers", "torch", "transformers", "peft"):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = "absent"
-    return found
+    return package_versions(("jax", "jaxlib", "flax", "optax", "tokenizers", "torch", "transformers", "peft"))
 
 
 def measure_cpu_peak_flops(size: int = 2048, repeats: int = 7) -> float:

@@ -61,6 +61,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from llama_e_jax.metrics_log import package_versions  # noqa: E402  (stdlib only; runs on the bare GPU image)
+
 GIB = 2**30
 HF_BASELINE_ANCHOR = {"tokens_per_s": 11916, "peak_gib": 36.2}  # /work/shared/BENCHMARKS.md, H100
 TARGETS = {"speedup_vs_hf": 1.6, "memory_vs_hf": 0.6, "peak_gib": 21.7}
@@ -234,7 +236,7 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
         "loss_first": first_loss,
         "loss_last": last_loss,
         "matmul_peak_tflops": peak_tflops,
-        "versions": _versions(("jax", "jaxlib", "flax", "optax")),
+        "versions": package_versions(("jax", "jaxlib", "flax", "optax")),
     }
 
 
@@ -305,23 +307,11 @@ def run_hf(args: argparse.Namespace) -> dict[str, Any]:
         "first_step_s": first_step_s,
         "loss_first": first_loss,
         "loss_last": last_loss,
-        "versions": _versions(("torch", "transformers", "peft")),
+        "versions": package_versions(("torch", "transformers", "peft")),
     }
 
 
 # ============================================================================ driver
-
-
-def _versions(names: tuple[str, ...]) -> dict[str, str]:
-    from importlib import metadata
-
-    found = {}
-    for name in names:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = "absent"
-    return found
 
 
 def _run_worker(kind: str, args: argparse.Namespace, remat: str | None, timeout_s: float) -> dict[str, Any]:

@@ -39,7 +39,6 @@ import hashlib
 import json
 import logging
 import math
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -52,6 +51,7 @@ from llama_e_jax import metrics
 from llama_e_jax.data.labels import LABEL_SETS
 from llama_e_jax.data.prompt import build_prompt
 from llama_e_jax.data.schema import TASKS, InstructionRecord
+from llama_e_jax.metrics_log import package_versions
 
 log = logging.getLogger(__name__)
 
@@ -573,19 +573,6 @@ def _finite_or_null(value: Any) -> Any:
     return value
 
 
-def _versions() -> dict[str, str]:
-    from importlib import metadata
-
-    names = ("jax", "flax", "sacrebleu", "rouge-score", "tokenizers")
-    found = {"python": platform.python_version()}
-    for name in names:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = "absent"
-    return found
-
-
 # ===================================================================================== CLI
 
 
@@ -667,7 +654,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "views": list(views),
             "generation": dataclasses.asdict(settings) | {"sampler": "greedy" if settings.temperature == 0 else "top-p"},
             "perplexity": not args.no_perplexity,
-            "versions": _versions(),
+            "versions": package_versions(("jax", "flax", "sacrebleu", "rouge-score", "tokenizers")),
             "wall_s": round(time.perf_counter() - started, 1),
         },
         "results": results,

@@ -24,6 +24,21 @@ JSONL_NAME = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 
+def package_versions(names: tuple[str, ...]) -> dict[str, str]:
+    """The installed version of each distribution in `names` ("absent" if missing), plus Python's:
+    the environment a logged run or benchmark result was produced in."""
+    import platform
+    from importlib import metadata
+
+    found = {"python": platform.python_version()}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "absent"
+    return found
+
+
 def format_duration(seconds: float) -> str:
     """"1h02m", "3m07s", "42s"."""
     if not math.isfinite(seconds):
