@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m llama_e_jax.default_model
+	$(PY) -m llama_e_jax.io.default_model
 	touch $(STAMP)
 
 # The TPU fit-check tests compile for TPU topologies with libtpu, which pins jax: its own venv.

@@ -17,7 +17,7 @@ What is measured, and why this way:
 * **Separate processes**: each implementation runs in its own child process, so one's allocator
   cannot crowd the other. Ours runs first (the budget is shared: `--budget-s`, default 160 s to fit
   gpu_suite.sh's 170 s limit); transformers gets the time that is left.
-* **Ours**: `llama_e_jax.generate.Generator` as the server and evaluation use it — per-layer weight
+* **Ours**: `llama_e_jax.generate.engine.Generator` as the server and evaluation use it — per-layer weight
   arrays (unrolled layers), a heads-major bf16 KV cache of 256 slots updated in place, prefill and
   a 128-step `lax.while_loop` decode each one compiled call. Weights are drawn on the device layer
   by layer: no fp32 or host copy of the 13.5 GB base ever exists.
@@ -65,7 +65,7 @@ class IdTokenizer:
 
 
 def workload(args: argparse.Namespace):
-    from llama_e_jax.config import LlamaConfig
+    from llama_e_jax.model.config import LlamaConfig
 
     return LlamaConfig.from_preset(args.preset).replace(param_dtype=args.dtype, dtype=args.dtype)
 
@@ -85,7 +85,7 @@ def random_weights_per_layer(config, seed: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from llama_e_jax.model import Llama
+    from llama_e_jax.model.llama import Llama
 
     abstract = jax.eval_shape(lambda: Llama(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
     draw = jax.jit(lambda key, shape, dtype: (jax.random.normal(key, shape, dtype) * 0.02).astype(dtype),
@@ -108,13 +108,13 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     import jax
     import numpy as np
 
-    from llama_e_jax import sampling
-    from llama_e_jax.generate import Generator, Request, length_bucket
+    from llama_e_jax.generate import sampling
+    from llama_e_jax.generate.engine import Generator, Request, length_bucket
 
     config = workload(args)
     started = time.perf_counter()
     if args.tiny:  # the same weights as transformers will load
-        from llama_e_jax import weights as weights_io
+        from llama_e_jax.io import weights as weights_io
 
         params = tiny_params(config)
         weights_io.save_hf_checkpoint(params, config, args.checkpoint)
@@ -172,7 +172,7 @@ def tiny_params(config) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from llama_e_jax.model import Llama
+    from llama_e_jax.model.llama import Llama
 
     abstract = jax.eval_shape(lambda: Llama(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
     rng = np.random.default_rng(0)

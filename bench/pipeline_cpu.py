@@ -114,8 +114,8 @@ def measure_alpaca_lora(records: list, hf_tokenizer: Any) -> dict[str, Any]:
 
 def run(copies: int = 10) -> dict[str, Any]:
     """Both measurements on the same records; returns a JSON-able dict (see the module docstring)."""
-    from llama_e_jax.default_model import ensure_default_gguf, ensure_default_hf_dir
-    from llama_e_jax.tokenizer import load_tokenizer
+    from llama_e_jax.io.default_model import ensure_default_gguf, ensure_default_hf_dir
+    from llama_e_jax.io.tokenizer import load_tokenizer
 
     records = seed_records(copies)
     tokenizer = load_tokenizer(ensure_default_gguf())

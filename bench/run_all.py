@@ -61,7 +61,7 @@ def usable_cores() -> int:
 
 
 def versions() -> dict[str, str]:
-    from llama_e_jax.metrics_log import package_versions
+    from llama_e_jax.train.metrics_log import package_versions
 
     return package_versions(("jax", "jaxlib", "flax", "optax", "tokenizers", "torch", "transformers", "peft"))
 
@@ -85,7 +85,7 @@ def measure_cpu_peak_flops(size: int = 2048, repeats: int = 7) -> float:
 
 def lora_flops_per_token(preset_or_config: Any, seq_len: int) -> float:
     """4·N + 6·L·T·D (see the module docstring)."""
-    from llama_e_jax.config import LlamaConfig
+    from llama_e_jax.model.config import LlamaConfig
 
     config = LlamaConfig.from_preset(preset_or_config) if isinstance(preset_or_config, str) else preset_or_config
     embedding = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size

@@ -10,7 +10,7 @@ every position, one optimiser update per step. Tokens/s counts all batch x seq i
 step, timed over `steps` steps after one warm-up step (JAX's compilation is in the warm-up and is
 reported separately as `compile_s`).
 
-Ours is exactly what training runs: `llama_e_jax.train_state.Trainer.step` (scan over layers,
+Ours is exactly what training runs: `llama_e_jax.train.state.Trainer.step` (scan over layers,
 unmerged LoRA, jit with the train state donated). The alternative is what a user would otherwise
 run: `LlamaForCausalLM` (sdpa attention) + `peft.get_peft_model` + `torch.optim.AdamW`, with torch's
 default thread count.
@@ -56,11 +56,11 @@ def measure_ours(batch: int, seq: int, steps: int) -> dict[str, Any]:
     import ml_collections
     import numpy as np
 
-    from llama_e_jax import sharding
-    from llama_e_jax.default_model import ensure_default_gguf
-    from llama_e_jax.lora import LoraConfig
-    from llama_e_jax.train_state import Trainer, make_optimizer
-    from llama_e_jax.weights import load_gguf
+    from llama_e_jax.model import sharding
+    from llama_e_jax.io.default_model import ensure_default_gguf
+    from llama_e_jax.model.lora import LoraConfig
+    from llama_e_jax.train.state import Trainer, make_optimizer
+    from llama_e_jax.io.weights import load_gguf
 
     config, params = load_gguf(ensure_default_gguf(), dtype="float32")
     optim = ml_collections.ConfigDict(dict(learning_rate=LEARNING_RATE, warmup_steps=0, end_learning_rate_ratio=1.0,
@@ -96,7 +96,7 @@ def measure_hf_peft(batch: int, seq: int, steps: int) -> dict[str, Any]:
     import torch
     import transformers
 
-    from llama_e_jax.default_model import ensure_default_hf_dir
+    from llama_e_jax.io.default_model import ensure_default_hf_dir
 
     model = transformers.LlamaForCausalLM.from_pretrained(ensure_default_hf_dir(), dtype=torch.float32)
     lora_config = peft.LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],

@@ -13,8 +13,8 @@ What is measured, and why this way:
   state cannot inflate the other's peak; JAX runs with `XLA_PYTHON_CLIENT_PREALLOCATE=false` so
   `peak_bytes_in_use` is what the step really needed. Peaks are whole-process peaks (weights
   included), JAX: device `memory_stats()["peak_bytes_in_use"]`; torch: `max_memory_allocated()`.
-* **Ours** is `llama_e_jax.model.Llama` with scan over layers, a remat policy, cuDNN flash attention
-  (`attention_impl="cudnn"`) and the loss of `llama_e_jax.train_state.summed_token_loss`
+* **Ours** is `llama_e_jax.model.llama.Llama` with scan over layers, a remat policy, cuDNN flash attention
+  (`attention_impl="cudnn"`) and the loss of `llama_e_jax.train.state.summed_token_loss`
   (train.py itself imports ml_collections, which the GPU image lacks; the step below is
   train_state's step without gradient accumulation and without packing — unpacked rows are what
   let cuDNN's causal kernel run, and the baseline does not pack either). The base is initialised
@@ -61,7 +61,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from llama_e_jax.metrics_log import package_versions  # noqa: E402  (stdlib only; runs on the bare GPU image)
+from llama_e_jax.train.metrics_log import package_versions  # noqa: E402  (stdlib only; runs on the bare GPU image)
 
 GIB = 2**30
 HF_BASELINE_ANCHOR = {"tokens_per_s": 11916, "peak_gib": 36.2}  # /work/shared/BENCHMARKS.md, H100
@@ -156,10 +156,10 @@ def run_jax(args: argparse.Namespace) -> dict[str, Any]:
     import jax.numpy as jnp
     import optax
 
-    from llama_e_jax.config import LlamaConfig
-    from llama_e_jax.lora import LoraConfig, init_adapter
-    from llama_e_jax.model import Llama
-    from llama_e_jax.train_state import summed_token_loss
+    from llama_e_jax.model.config import LlamaConfig
+    from llama_e_jax.model.lora import LoraConfig, init_adapter
+    from llama_e_jax.model.llama import Llama
+    from llama_e_jax.train.state import summed_token_loss
 
     policy, _, option = args.remat.partition("+")
     if option == "rbg":
@@ -248,7 +248,7 @@ def run_hf(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import transformers
 
-    from llama_e_jax.config import LlamaConfig
+    from llama_e_jax.model.config import LlamaConfig
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.result).write_text(json.dumps(result))
         return 0
 
-    from llama_e_jax.config import LlamaConfig
+    from llama_e_jax.model.config import LlamaConfig
 
     shape = LlamaConfig.from_preset(args.preset)
     flops = model_flops_per_step(shape, args.batch, args.seq)

@@ -54,8 +54,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_e_jax import sharding
-from llama_e_jax.config import LlamaConfig
+from llama_e_jax.model import sharding
+from llama_e_jax.model.config import LlamaConfig
 
 GIB = 1024**3
 
@@ -176,7 +176,7 @@ def model_config_of(config: Any) -> LlamaConfig:
         return LlamaConfig.from_hf_dir(model.path, **overrides)
     import gguf  # source "gguf": read the header only
 
-    from llama_e_jax.weights import gguf_config
+    from llama_e_jax.io.weights import gguf_config
 
     return gguf_config(gguf.GGUFReader(model.path), model.path).replace(**overrides)
 
@@ -187,7 +187,7 @@ def parse_recipe(recipe_args: Sequence[str]) -> Any:
     A recipe for real weights (model.source hf/gguf) needs model.path to train, but the fit check
     reads no weights — only the shape its model.preset names — so a missing path is not an error here.
     """
-    from llama_e_jax.train import ConfigError, parse_args
+    from llama_e_jax.train.loop import ConfigError, parse_args
 
     try:
         return parse_args(recipe_args)
@@ -203,7 +203,7 @@ def _with_shardings(tree: Any, shardings: Any) -> Any:
 
 def abstract_base(model_config: LlamaConfig, mesh: jax.sharding.Mesh) -> Any:
     """ShapeDtypeStructs of the base params, sharded as the rules say."""
-    from llama_e_jax.model import Llama
+    from llama_e_jax.model.llama import Llama
 
     shapes = jax.eval_shape(lambda: Llama(model_config).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"])
     return _with_shardings(shapes, sharding.param_shardings(shapes, mesh))
@@ -223,8 +223,8 @@ def _abstract_batch(mesh, rows: int, micro_batches: int, seq_len: int) -> dict[s
 def compile_train_step(config: Any, model_config: LlamaConfig, mesh: jax.sharding.Mesh):
     """The recipe's real train step (train_state.Trainer's jitted step), lowered on abstract sharded
     arguments and compiled for `mesh`."""
-    from llama_e_jax.train import lora_config_of
-    from llama_e_jax.train_state import Trainer, make_optimizer
+    from llama_e_jax.train.loop import lora_config_of
+    from llama_e_jax.train.state import Trainer, make_optimizer
 
     optimizer, schedule = make_optimizer(config.optim, max(int(config.train.steps), 1))
     trainer = Trainer(model_config, lora_config_of(config), optimizer, schedule, mesh)
@@ -255,7 +255,8 @@ def abstract_decode_state(model_config: LlamaConfig, weights: Any, batch_size: i
     program of zeros, cheap — reads that placement back without allocating anything. The sampler
     is the server's (per-row top-p and temperature: the costliest sampling, a sort over the vocab).
     """
-    from llama_e_jax import generate, sampling
+    from llama_e_jax.generate import engine as generate
+    from llama_e_jax.generate import sampling
 
     make = jax.jit(lambda: generate.new_state(model_config, weights, batch_size, max_length,
                                                sampling.TopP(p=1.0, temperature=0.0), model_config.eos_token_ids))
@@ -266,7 +267,7 @@ def abstract_decode_state(model_config: LlamaConfig, weights: Any, batch_size: i
 def compile_decode_step(model_config: LlamaConfig, mesh: jax.sharding.Mesh, batch_size: int, max_length: int):
     """The decode step generate.Generator runs: `generate.decode_chunk` for one token per row (B rows,
     caches of `max_length` slots, sampling and stop checks included); the adapter is merged, so no LoRA."""
-    from llama_e_jax import generate
+    from llama_e_jax.generate import engine as generate
 
     weights = unrolled_layers(abstract_base(model_config, mesh))
     state = abstract_decode_state(model_config, weights, batch_size, max_length)
@@ -466,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m llama_e_jax.aot",
         description="AOT-compile a training recipe for a TPU topology on this CPU and report memory and FLOPs. "
-                    "Other arguments (--config FILE, --config.a.b=value) select the recipe as for llama_e_jax.train.",
+                    "Other arguments (--config FILE, --config.a.b=value) select the recipe as for llama_e_jax.train.loop.",
     )
     parser.add_argument("--topology", required=True, help="e.g. v5e:2x4, v4:2x2x1, or a slice name like v5e-16")
     parser.add_argument("--decode", action="store_true", help="also compile one KV-cache decode step")
@@ -478,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     use_cpu_host()
-    from llama_e_jax.train import ConfigError
+    from llama_e_jax.train.loop import ConfigError
 
     args, recipe_args = build_parser().parse_known_args(argv)
     try:

@@ -51,7 +51,7 @@ from llama_e_jax import metrics
 from llama_e_jax.data.labels import LABEL_SETS
 from llama_e_jax.data.prompt import build_prompt
 from llama_e_jax.data.schema import TASKS, InstructionRecord
-from llama_e_jax.metrics_log import package_versions
+from llama_e_jax.train.metrics_log import package_versions
 
 log = logging.getLogger(__name__)
 
@@ -168,12 +168,12 @@ def load_base(model: str | None, tokenizer: str | None, dtype: str) -> tuple[Any
     None means the embedded SmolLM2-135M-Instruct. A preset needs a tokenizer; "bytes" (the default
     for presets) is UTF-8 bytes as ids, the tokenizer of random test models.
     """
-    from llama_e_jax import weights
-    from llama_e_jax.config import PRESETS_DIR, LlamaConfig
-    from llama_e_jax.tokenizer import load_tokenizer
+    from llama_e_jax.io import weights
+    from llama_e_jax.model.config import PRESETS_DIR, LlamaConfig
+    from llama_e_jax.io.tokenizer import load_tokenizer
 
     if model is None:
-        from llama_e_jax.default_model import ensure_default_gguf
+        from llama_e_jax.io.default_model import ensure_default_gguf
 
         model, description = str(ensure_default_gguf()), "SmolLM2-135M-Instruct (embedded default)"
     else:
@@ -186,7 +186,7 @@ def load_base(model: str | None, tokenizer: str | None, dtype: str) -> tuple[Any
     elif (PRESETS_DIR / f"{model}.json").is_file():
         import jax
 
-        from llama_e_jax.model import Llama
+        from llama_e_jax.model.llama import Llama
 
         config = LlamaConfig.from_preset(model, param_dtype=dtype)
         params = jax.jit(lambda key: Llama(config).init(key, np.zeros((1, 2), np.int32))["params"])(jax.random.key(0))
@@ -196,7 +196,7 @@ def load_base(model: str | None, tokenizer: str | None, dtype: str) -> tuple[Any
                          f"preset in {PRESETS_DIR}")
     tokenizer_source = tokenizer or model
     if tokenizer_source == "bytes":
-        from llama_e_jax.tokenizer import ByteTokenizer
+        from llama_e_jax.io.tokenizer import ByteTokenizer
 
         loaded_tokenizer = ByteTokenizer()
     else:
@@ -206,7 +206,7 @@ def load_base(model: str | None, tokenizer: str | None, dtype: str) -> tuple[Any
 
 def load_system(spec: str, model_config: Any) -> System:
     """`NAME=DIR` or `DIR` (name: the directory's name, or its parent's when it is called "adapter")."""
-    from llama_e_jax import lora
+    from llama_e_jax.model import lora
 
     name, _, directory = spec.rpartition("=")
     path = Path(directory)
@@ -225,7 +225,7 @@ def system_params(params: dict, system: System) -> dict:
     """The base params, or a merged copy for an adapter."""
     if system.adapter is None:
         return params
-    from llama_e_jax import lora
+    from llama_e_jax.model import lora
 
     return lora.merge(params, system.adapter, system.lora_config)
 
@@ -243,7 +243,7 @@ class GenerationSettings:
     batch_size: int = 16
 
     def sampler(self) -> Any:
-        from llama_e_jax import sampling
+        from llama_e_jax.generate import sampling
 
         if self.temperature == 0:
             return sampling.Greedy()
@@ -334,7 +334,7 @@ def _row_nll_function(config: Any):
         import jax
         import optax
 
-        from llama_e_jax.model import Llama
+        from llama_e_jax.model.llama import Llama
 
         model = Llama(config)
 
@@ -415,7 +415,7 @@ class EvalOptions:
 def evaluate(config: Any, params: dict, tokenizer: Any, systems: Sequence[System],
              records: Sequence[InstructionRecord], options: EvalOptions) -> tuple[dict, list[dict]]:
     """Scores every system on every view. Returns (results[view][system][task], per-record rows)."""
-    from llama_e_jax.generate import Generator
+    from llama_e_jax.generate.engine import Generator
 
     if not records:
         raise ValueError("no records to evaluate")

@@ -50,8 +50,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llama_e_jax import sampling, structured
-from llama_e_jax.generate import (GenerationError, Generator, Progress, Request, enable_compilation_cache,
+from llama_e_jax.generate import sampling
+from llama_e_jax.generate import structured
+from llama_e_jax.generate.engine import (GenerationError, Generator, Progress, Request, enable_compilation_cache,
                                   load_generator, stable_text_end)
 
 log = logging.getLogger(__name__)

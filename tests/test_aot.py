@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from llama_e_jax import aot
-from llama_e_jax.config import LlamaConfig
+from llama_e_jax.model.config import LlamaConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "tpu_scripts"

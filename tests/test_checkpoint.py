@@ -11,14 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_e_jax import sharding
-from llama_e_jax.checkpoint import (
+from llama_e_jax.model import sharding
+from llama_e_jax.train.checkpoint import (
     CheckpointMismatchError,
     Checkpoints,
     NoRestorableCheckpointError,
     expected_meta,
 )
-from llama_e_jax.train_state import STATE_RULES
+from llama_e_jax.train.state import STATE_RULES
 
 MODEL = {"num_layers": 2, "hidden_size": 8}
 LORA = {"rank": 2, "alpha": 4.0, "dropout": 0.0, "targets": ["q_proj"]}
@@ -76,7 +76,7 @@ def _corrupt(step_dir: Path) -> None:
 def test_corrupt_newest_falls_back_with_a_warning(tmp_path, caplog):
     save_steps(tmp_path, [2, 4])
     _corrupt(tmp_path / "4")
-    with caplog.at_level(logging.WARNING, logger="llama_e_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="llama_e_jax.train.checkpoint"):
         restored = manager(tmp_path).restore_latest(abstract(make_state(0)))
     assert restored.step == 2
     np.testing.assert_array_equal(restored.state["adapter"]["layers"]["attn"]["q_proj"]["lora_a"], 2.0)

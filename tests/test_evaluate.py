@@ -46,8 +46,8 @@ def tiny_model():
     """(config, params, tokenizer) of the tiny preset: random weights (numpy), byte tokenizer."""
     from conftest import random_params
 
-    from llama_e_jax.config import LlamaConfig
-    from llama_e_jax.tokenizer import ByteTokenizer
+    from llama_e_jax.model.config import LlamaConfig
+    from llama_e_jax.io.tokenizer import ByteTokenizer
 
     config = LlamaConfig.from_preset("tiny")
     return config, random_params(config, seed=0), ByteTokenizer()
@@ -134,7 +134,7 @@ def test_generation_scores_and_lengths():
 def test_reference_nll_matches_unpacked_forward(tiny_model):
     """Packed rows, attributed back per record, equal each record scored alone."""
     from llama_e_jax.data.prompt import prompt_and_response
-    from llama_e_jax.model import Llama
+    from llama_e_jax.model.llama import Llama
 
     config, params, tokenizer = tiny_model
     records = SMALL_RECORDS[:4]
@@ -194,7 +194,7 @@ def test_report_files_are_written_and_chart_is_a_png(tmp_path):
 
 
 def test_cli_run_base_vs_adapter_on_small_jsonl(tmp_path, tiny_model):
-    from llama_e_jax import lora
+    from llama_e_jax.model import lora
 
     config, _, _ = tiny_model
     data = tmp_path / "small.jsonl"

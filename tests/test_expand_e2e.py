@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from data_prep import expand as ex
-from llama_e_jax import generate as G
+from llama_e_jax.generate import engine as G
 from llama_e_jax import serve as S
 from llama_e_jax.data.schema import read_jsonl
-from llama_e_jax.tokenizer import load_tokenizer
+from llama_e_jax.io.tokenizer import load_tokenizer
 
 pytest.importorskip("openai")
 

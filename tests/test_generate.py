@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_e_jax import generate as G
-from llama_e_jax import sampling
-from llama_e_jax.config import LlamaConfig
-from llama_e_jax.model import Llama
+from llama_e_jax.generate import engine as G
+from llama_e_jax.generate import sampling
+from llama_e_jax.model.config import LlamaConfig
+from llama_e_jax.model.llama import Llama
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -169,7 +169,7 @@ def test_greedy_equals_transformers_generate_on_smollm2(smollm2_params, smollm2_
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from llama_e_jax.data.prompt import build_prompt
-    from llama_e_jax.tokenizer import load_tokenizer
+    from llama_e_jax.io.tokenizer import load_tokenizer
 
     config, params = smollm2_params
     tokenizer = load_tokenizer(smollm2_hf_dir)
@@ -269,7 +269,7 @@ def test_seeded_sampling_is_reproducible_and_independent_of_batch_companions(tin
 
 def random_adapter(config: LlamaConfig):
     """(LoraConfig, adapter) with both A and B random, so that it changes the output."""
-    from llama_e_jax import lora
+    from llama_e_jax.model import lora
 
     lora_config = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=("q_proj", "v_proj", "down_proj"))
     rng = np.random.default_rng(3)
@@ -300,8 +300,9 @@ sys.path.insert(0, {tests!r})
 import jax, numpy as np
 from conftest import random_params
 from test_generate import CharTokenizer
-from llama_e_jax import generate as G, sharding
-from llama_e_jax.config import LlamaConfig
+from llama_e_jax.generate import engine as G
+from llama_e_jax.model import sharding
+from llama_e_jax.model.config import LlamaConfig
 config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                      num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, max_position_embeddings=256, eos_token_ids=(2,))
 params = random_params(config, seed=1)
@@ -336,9 +337,10 @@ def test_generation_with_sharded_params_matches_single_device(tiny):
 
 
 def test_cli_generates_for_a_jsonl_file_with_the_instruction_template(tmp_path, tiny, capsys, monkeypatch):
-    from llama_e_jax import lora, weights
+    from llama_e_jax.model import lora
+    from llama_e_jax.io import weights
     from llama_e_jax.data.prompt import build_prompt
-    from llama_e_jax.tokenizer import load_tokenizer
+    from llama_e_jax.io.tokenizer import load_tokenizer
 
     config, params, _ = tiny
     model_dir, tokenizer_dir, adapter_dir = tmp_path / "model", tmp_path / "tok", tmp_path / "adapter"

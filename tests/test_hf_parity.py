@@ -17,9 +17,9 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from llama_e_jax.model import Llama
-from llama_e_jax.tokenizer import load_tokenizer
-from llama_e_jax.weights import save_hf_checkpoint
+from llama_e_jax.model.llama import Llama
+from llama_e_jax.io.tokenizer import load_tokenizer
+from llama_e_jax.io.weights import save_hf_checkpoint
 
 PROMPTS = [
     [{"role": "user", "content": "Write a one-line ad for a stainless steel water bottle."}],

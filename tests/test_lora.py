@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from llama_e_jax import lora
-from llama_e_jax.lora import AdapterError, LoraConfig
-from llama_e_jax.model import Llama
+from llama_e_jax.model import lora
+from llama_e_jax.model.lora import AdapterError, LoraConfig
+from llama_e_jax.model.llama import Llama
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -254,7 +254,7 @@ def test_remat_policies_keep_the_adapter_gradient(tiny_config, tiny_params, ids)
     backward pass, where `full` keeps no [B, T, F] activation at all."""
     from jax._src.ad_checkpoint import saved_residuals  # what jax.ad_checkpoint.print_saved_residuals prints
 
-    from llama_e_jax.config import REMAT_POLICIES
+    from llama_e_jax.model.config import REMAT_POLICIES
 
     lora_config = LoraConfig(rank=4, alpha=8, dropout=0.0)
     config = tiny_config("gqa")

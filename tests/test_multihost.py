@@ -27,7 +27,7 @@ if __name__ == "__main__":  # worker: 4 CPU devices per process, set before JAX 
 import numpy as np
 import pytest
 
-from llama_e_jax import distributed
+from llama_e_jax.train import distributed
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -128,9 +128,9 @@ def _worker(out_dir: Path) -> dict:
     import jax
     from jax.experimental import multihost_utils
 
-    from llama_e_jax import lora as lora_lib
-    from llama_e_jax import sharding
-    from llama_e_jax.checkpoint import Checkpoints, expected_meta
+    from llama_e_jax.model import lora as lora_lib
+    from llama_e_jax.model import sharding
+    from llama_e_jax.train.checkpoint import Checkpoints, expected_meta
 
     sys.path.insert(0, str(REPO / "tests"))
     from test_sharding import _host_batches, _trainer, tiny_setup, variables_init

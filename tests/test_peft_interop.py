@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from llama_e_jax import lora
-from llama_e_jax.lora import LoraConfig
-from llama_e_jax.model import Llama
+from llama_e_jax.model import lora
+from llama_e_jax.model.lora import LoraConfig
+from llama_e_jax.model.llama import Llama
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

@@ -14,10 +14,10 @@ import time
 import httpx
 import pytest
 
-from llama_e_jax import generate as G
-from llama_e_jax import sampling
+from llama_e_jax.generate import engine as G
+from llama_e_jax.generate import sampling
 from llama_e_jax import serve as S
-from llama_e_jax.config import LlamaConfig
+from llama_e_jax.model.config import LlamaConfig
 
 openai = pytest.importorskip("openai")
 
@@ -30,7 +30,7 @@ MAX_CONTEXT = 128
 def server(smollm2_hf_dir):
     """A running server: (ServerThread, Generator, BatchingEngine)."""
     from conftest import random_params
-    from llama_e_jax.tokenizer import load_tokenizer
+    from llama_e_jax.io.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(smollm2_hf_dir)
     config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_layers=2,

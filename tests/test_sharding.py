@@ -29,11 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_e_jax import sharding
-from llama_e_jax.config import LlamaConfig
-from llama_e_jax.lora import LoraConfig
-from llama_e_jax.model import KVCache, Llama
-from llama_e_jax.sharding import MeshConfig, P
+from llama_e_jax.model import sharding
+from llama_e_jax.model.config import LlamaConfig
+from llama_e_jax.model.lora import LoraConfig
+from llama_e_jax.model.llama import KVCache, Llama
+from llama_e_jax.model.sharding import MeshConfig, P
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN = REPO / "configs" / "sharding_rules.golden.txt"
@@ -54,8 +54,8 @@ def tiny_setup(preset: str = "tiny"):
 def variables_init(model: Llama):
     """Random {'params', 'lora'} from shape tables alone: the same tree as model.init without tracing
     a forward pass (which would cost a compile per mesh)."""
-    from llama_e_jax.lora import init_adapter
-    from llama_e_jax.weights import param_shapes
+    from llama_e_jax.model.lora import init_adapter
+    from llama_e_jax.io.weights import param_shapes
 
     def init(key):
         params: dict = {}
@@ -84,7 +84,7 @@ def tiny_train_state_specs(mesh_sizes: dict[str, int]) -> list[str]:
     Not in the golden table: the optimizer's state layout belongs to train_state.py and may change;
     the golden table pins the rules with a fixed optax.adamw state instead.
     """
-    from llama_e_jax.train_state import STATE_RULES
+    from llama_e_jax.train.state import STATE_RULES
 
     config, model = tiny_setup()
     trainer = _trainer(sharding.make_mesh(MeshConfig(), jax.devices()[:1]), config, model.lora)
@@ -308,7 +308,7 @@ def test_train_step_hlo_pins_activations_on_a_tensor_mesh(eight_devices):
 
 def _trainer(mesh, config, lora_config):
     from configs import default
-    from llama_e_jax.train_state import Trainer, make_optimizer
+    from llama_e_jax.train.state import Trainer, make_optimizer
 
     optim = default.get_config().optim
     optim.learning_rate, optim.warmup_steps = 3e-2, 1
@@ -368,8 +368,8 @@ def _step_constraints(mesh, config, lora_config) -> list[str]:
 
 
 def _generate(config, lora_config, base, adapter) -> list[list[int]]:
-    from llama_e_jax.generate import Generator
-    from llama_e_jax.tokenizer import ByteTokenizer
+    from llama_e_jax.generate.engine import Generator
+    from llama_e_jax.io.tokenizer import ByteTokenizer
 
     prompts = [list(np.random.default_rng(i).integers(3, 256, size=3 + i)) for i in range(8)]
     generator = Generator(config, base, ByteTokenizer(), adapter=adapter, lora_config=lora_config,
@@ -464,7 +464,7 @@ def _placement_checks(model, config, mesh222, base_host) -> dict:
     # A real HF checkpoint (several safetensors shards), read slice by slice into a 2x2x2 mesh.
     import tempfile
 
-    from llama_e_jax.weights import save_hf_checkpoint
+    from llama_e_jax.io.weights import save_hf_checkpoint
 
     with tempfile.TemporaryDirectory() as directory:
         save_hf_checkpoint(base_host, config, directory, shard_size="40KB")

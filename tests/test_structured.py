@@ -13,11 +13,11 @@ import httpx
 import numpy as np
 import pytest
 
-from llama_e_jax import generate as G
-from llama_e_jax import sampling
+from llama_e_jax.generate import engine as G
+from llama_e_jax.generate import sampling
 from llama_e_jax import serve as S
-from llama_e_jax import structured as st
-from llama_e_jax.tokenizer import load_tokenizer
+from llama_e_jax.generate import structured as st
+from llama_e_jax.io.tokenizer import load_tokenizer
 
 openai = pytest.importorskip("openai")
 

@@ -15,7 +15,7 @@ import gguf
 import pytest
 import tokenizers
 
-from llama_e_jax.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from llama_e_jax.io.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 TEXTS = [
     "Hello world! This stainless steel bottle keeps drinks cold for 24 hours.",

@@ -24,12 +24,14 @@ import numpy as np
 import optax
 import pytest
 
-from llama_e_jax import lora, sharding, train
-from llama_e_jax.checkpoint import CheckpointMismatchError, Checkpoints, expected_meta
-from llama_e_jax.config import LlamaConfig
-from llama_e_jax.lora import LoraConfig
-from llama_e_jax.train_state import Trainer, make_optimizer, summed_token_loss
-from llama_e_jax.weights import load_hf_checkpoint, save_hf_checkpoint
+from llama_e_jax.model import lora
+from llama_e_jax.model import sharding
+from llama_e_jax.train import loop as train
+from llama_e_jax.train.checkpoint import CheckpointMismatchError, Checkpoints, expected_meta
+from llama_e_jax.model.config import LlamaConfig
+from llama_e_jax.model.lora import LoraConfig
+from llama_e_jax.train.state import Trainer, make_optimizer, summed_token_loss
+from llama_e_jax.io.weights import load_hf_checkpoint, save_hf_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -201,7 +203,7 @@ def test_resume_after_a_crash_repeats_the_uninterrupted_losses(tmp_path):
 
 def test_sigterm_finishes_the_step_checkpoints_and_exits_zero(tmp_path):
     run_dir = tmp_path / "preempted"
-    command = [sys.executable, "-m", "llama_e_jax.train", "--config", "tiny", f"--config.run_dir={run_dir}",
+    command = [sys.executable, "-m", "llama_e_jax.train.loop", "--config", "tiny", f"--config.run_dir={run_dir}",
                "--config.train.steps=10000", "--config.train.checkpoint_every=10000"]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from llama_e_jax.config import ConfigError, LlamaConfig
-from llama_e_jax.weights import (
+from llama_e_jax.model.config import ConfigError, LlamaConfig
+from llama_e_jax.io.weights import (
     SAFETENSORS_INDEX,
     CheckpointError,
     CheckpointReader,
@@ -308,7 +308,7 @@ def test_real_gguf_import_equals_transformers_gguf_loader(smollm2_gguf, smollm2_
 
 
 def test_default_gguf_env_override_is_verified(tmp_path, monkeypatch):
-    from llama_e_jax import default_model
+    from llama_e_jax.io import default_model
 
     impostor = tmp_path / "other.gguf"
     impostor.write_bytes(b"GGUF" + bytes(100))
@@ -321,7 +321,7 @@ def test_default_gguf_env_override_is_verified(tmp_path, monkeypatch):
 
 
 def test_default_gguf_download_failure_says_how_to_get_it(tmp_path, monkeypatch):
-    from llama_e_jax import default_model
+    from llama_e_jax.io import default_model
 
     monkeypatch.delenv(default_model.GGUF_ENV, raising=False)
     monkeypatch.setenv("LLAMA_E_CACHE", str(tmp_path))

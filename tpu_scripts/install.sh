@@ -25,5 +25,5 @@ run gcloud compute tpus tpu-vm scp "$ARCHIVE" "$TPU_NAME":llama_e_jax-src.tar.gz
 on_workers all "set -e; mkdir -p $REMOTE_DIR && tar -xzf ~/llama_e_jax-src.tar.gz -C $REMOTE_DIR \
 && python3 -m venv $REMOTE_VENV && $REMOTE_VENV/bin/pip install -q --upgrade pip \
 && $REMOTE_VENV/bin/pip install -q -e \"./${REMOTE_DIR}[tpu]\" \
-&& cd $REMOTE_DIR && ../$REMOTE_VENV/bin/python -m llama_e_jax.default_model \
+&& cd $REMOTE_DIR && ../$REMOTE_VENV/bin/python -m llama_e_jax.io.default_model \
 && ../$REMOTE_VENV/bin/python -c 'import jax; print(jax.process_index(), jax.local_device_count(), jax.devices()[0].device_kind)'"

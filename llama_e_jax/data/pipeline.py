@@ -53,7 +53,7 @@ Batch = dict[str, np.ndarray]
 
 
 class Tokenizer(Protocol):
-    """What the pipeline needs from a tokenizer (llama_e_jax.tokenizer provides it).
+    """What the pipeline needs from a tokenizer (llama_e_jax.io.tokenizer provides it).
 
     `encode` adds no special tokens; the pipeline prepends `bos_id` when `add_bos` and appends
     `eos_id`. An optional `encode_batch(list[str]) -> list[list[int]]` is used when present.

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from llama_e_jax.config import LlamaConfig
+from llama_e_jax.model.config import LlamaConfig
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -137,7 +137,7 @@ _HF_GROUP = {"attn": "self_attn", "mlp": "mlp"}
 _OUR_GROUP = {hf: ours for ours, hf in _HF_GROUP.items()}
 NATIVE_WEIGHTS, NATIVE_CONFIG = "adapter.safetensors", "adapter_config.json"
 PEFT_WEIGHTS, PEFT_WEIGHTS_BIN, PEFT_CONFIG = "adapter_model.safetensors", "adapter_model.bin", "adapter_config.json"
-NATIVE_FORMAT = "llama_e_jax.lora/1"
+NATIVE_FORMAT = "llama_e_jax.model.lora/1"
 
 
 class AdapterError(ValueError):

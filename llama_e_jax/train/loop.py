@@ -10,7 +10,7 @@ overrides. An unknown key is an error that names it; the effective config is pri
 `<run_dir>/config.json`.
 
 With no arguments it trains the authors' LoRA recipe (r=8, alpha=16, dropout 0.05 on q/k/v/o) on
-SmolLM2-135M-Instruct (the GGUF fetched by `llama_e_jax.default_model`) with the shipped seed
+SmolLM2-135M-Instruct (the GGUF fetched by `llama_e_jax.io.default_model`) with the shipped seed
 instructions (tfds `llama_e_instructions/seed`, train split), on a 2-core CPU in under 10 minutes,
 printing validation loss before and after and a few generations.
 
@@ -53,18 +53,19 @@ import jax
 import ml_collections
 import numpy as np
 
-from llama_e_jax import lora as lora_lib
-from llama_e_jax import distributed, sharding
-from llama_e_jax.checkpoint import Checkpoints, expected_meta
-from llama_e_jax.config import LlamaConfig
-from llama_e_jax.default_model import enable_compilation_cache
-from llama_e_jax.metrics_log import MetricsLogger, format_duration
-from llama_e_jax.tokenizer import ByteTokenizer
-from llama_e_jax.train_state import Trainer, TrainState, make_optimizer, perplexity
+from llama_e_jax.model import lora as lora_lib
+from llama_e_jax.train import distributed
+from llama_e_jax.model import sharding
+from llama_e_jax.train.checkpoint import Checkpoints, expected_meta
+from llama_e_jax.model.config import LlamaConfig
+from llama_e_jax.io.default_model import enable_compilation_cache
+from llama_e_jax.train.metrics_log import MetricsLogger, format_duration
+from llama_e_jax.io.tokenizer import ByteTokenizer
+from llama_e_jax.train.state import Trainer, TrainState, make_optimizer, perplexity
 
 log = logging.getLogger(__name__)
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_CONFIG = CONFIGS_DIR / "default.py"
 MODEL_SOURCES = ("default", "gguf", "hf", "random")
 DATA_SOURCES = ("tfds", "jsonl")
@@ -219,14 +220,14 @@ class LoadedModel:
 
 def load_model(model_section: ml_collections.ConfigDict, mesh) -> LoadedModel:
     """Base params, model config and tokenizer from `config.model` (see configs/default.py)."""
-    from llama_e_jax import weights
+    from llama_e_jax.io import weights
 
     dtype, source = model_section.param_dtype, model_section.source
     if source == "random":
         config = LlamaConfig.from_preset(model_section.preset, param_dtype=dtype)
         params, checkpoint, name = _random_params(config, seed=0), None, f"random:{model_section.preset}"
     elif source in ("default", "gguf"):
-        from llama_e_jax.default_model import ensure_default_gguf
+        from llama_e_jax.io.default_model import ensure_default_gguf
 
         checkpoint = ensure_default_gguf() if source == "default" else Path(model_section.path)
         config, params = weights.load_gguf(checkpoint, dtype=dtype)
@@ -243,7 +244,7 @@ def load_model(model_section: ml_collections.ConfigDict, mesh) -> LoadedModel:
 
 def _load_tokenizer(choice: str, checkpoint: Path | None) -> tuple[Any, Any]:
     """(tokenizer, what an HF export copies it from): `model.tokenizer`, else the checkpoint's own."""
-    from llama_e_jax.tokenizer import load_tokenizer
+    from llama_e_jax.io.tokenizer import load_tokenizer
 
     if choice == "bytes" or (not choice and checkpoint is None):
         return ByteTokenizer(), None
@@ -268,15 +269,15 @@ def _random_params(config: LlamaConfig, seed: int) -> Any:
 @functools.lru_cache(maxsize=4)
 def _random_init(config: LlamaConfig) -> Callable[[jax.Array], Any]:
     """The jitted init of a random base model (cached: test runs build the same one many times)."""
-    from llama_e_jax.model import Llama
+    from llama_e_jax.model.llama import Llama
 
     return jax.jit(lambda rng: Llama(config).init(rng, np.zeros((1, 2), np.int32))["params"])
 
 
 def _load_hf_sharded(path: Path, config: LlamaConfig, mesh) -> Any:
     """Each host reads only its devices' slices of the safetensors (no full copy on one host)."""
-    from llama_e_jax.model import Llama
-    from llama_e_jax.weights import CheckpointReader
+    from llama_e_jax.model.llama import Llama
+    from llama_e_jax.io.weights import CheckpointReader
 
     abstract = jax.eval_shape(lambda: Llama(config).init(jax.random.key(0), np.zeros((1, 2), np.int32))["params"])
     with CheckpointReader(path, config) as reader:
@@ -638,7 +639,7 @@ def generate_texts(model: LoadedModel, lora_config, base, adapter, prompts: list
 
     Layers are scanned rather than unrolled: a few samples do not repay the longer compile.
     """
-    from llama_e_jax.generate import Generator
+    from llama_e_jax.generate.engine import Generator
 
     generator = Generator(model.config, base, model.tokenizer, adapter=adapter, lora_config=lora_config,
                           max_batch_size=len(prompts), max_length=context, layer_loop="scan")
@@ -666,7 +667,7 @@ def _export(run: Run, adapter: Any, logger: MetricsLogger, primary: bool) -> Non
 def _export_merged(run: Run, adapter: Any) -> Path:
     """Base + adapter merged on the mesh (donating the base: this is the run's last use of it), then
     written tensor by tensor, so the host never holds a second copy of the model."""
-    from llama_e_jax.weights import save_hf_checkpoint
+    from llama_e_jax.io.weights import save_hf_checkpoint
 
     if jax.process_count() > 1:
         raise ConfigError("export.merged_hf is written from one host; on a multi-host run export the adapter "
@@ -711,7 +712,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by the config or the input files: reported as one message, no traceback."""
-    from llama_e_jax import checkpoint, config, default_model, weights
+    from llama_e_jax.train import checkpoint
+    from llama_e_jax.model import config
+    from llama_e_jax.io import default_model
+    from llama_e_jax.io import weights
     from llama_e_jax.data.schema import InvalidRecordsError
 
     return (ConfigError, config.ConfigError, lora_lib.AdapterError, checkpoint.CheckpointMismatchError,

@@ -37,9 +37,9 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
-from llama_e_jax import sharding
-from llama_e_jax.config import LlamaConfig
-from llama_e_jax.lora import LoraConfig, LoraLinear
+from llama_e_jax.model import sharding
+from llama_e_jax.model.config import LlamaConfig
+from llama_e_jax.model.lora import LoraConfig, LoraLinear
 
 
 @flax.struct.dataclass

@@ -35,7 +35,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from llama_e_jax.config import ConfigError, LlamaConfig, RopeScaling
+from llama_e_jax.model.config import ConfigError, LlamaConfig, RopeScaling
 
 Index = tuple  # a numpy basic index into one of our (stacked) parameters: ints and slices
 

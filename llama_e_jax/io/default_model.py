@@ -15,7 +15,7 @@ Two cached artefacts, both under `$LLAMA_E_CACHE` (default `~/.cache/llama_e_jax
 Everything is written to a temporary name and renamed into place, so an interrupted download or
 conversion never leaves a half-written file that later looks complete.
 
-    python -m llama_e_jax.default_model     # fetch + convert, print both paths
+    python -m llama_e_jax.io.default_model     # fetch + convert, print both paths
 """
 
 from __future__ import annotations
@@ -132,8 +132,8 @@ def ensure_default_hf_dir() -> Path:
     if (target / "config.json").is_file():  # config.json is written last inside the temp dir
         return target
     gguf_path = ensure_default_gguf()
-    from llama_e_jax.tokenizer import load_tokenizer
-    from llama_e_jax.weights import load_gguf, save_hf_checkpoint
+    from llama_e_jax.io.tokenizer import load_tokenizer
+    from llama_e_jax.io.weights import load_gguf, save_hf_checkpoint
 
     config, params = load_gguf(gguf_path, dtype="float32")
     scratch = Path(tempfile.mkdtemp(prefix=HF_DIR_NAME + ".", dir=target.parent))

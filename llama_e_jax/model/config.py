@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
 
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "mlp_dots_saveable")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")

@@ -66,11 +66,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_e_jax import sampling, structured
-from llama_e_jax.config import LlamaConfig
-from llama_e_jax.default_model import enable_compilation_cache
-from llama_e_jax.lora import LoraLinear
-from llama_e_jax.model import MLP, AttentionContext, Block, RMSNorm, apply_rotary, attention_mask, rope_inverse_frequencies
+from llama_e_jax.generate import sampling
+from llama_e_jax.generate import structured
+from llama_e_jax.model.config import LlamaConfig
+from llama_e_jax.io.default_model import enable_compilation_cache
+from llama_e_jax.model.lora import LoraLinear
+from llama_e_jax.model.llama import MLP, AttentionContext, Block, RMSNorm, apply_rotary, attention_mask, rope_inverse_frequencies
 
 log = logging.getLogger(__name__)
 
@@ -518,7 +519,7 @@ def _cache_sharding(weights: dict, shape: tuple[int, ...]):
     leaf_sharding = getattr(leaf, "sharding", None)
     if not isinstance(leaf_sharding, jax.sharding.NamedSharding):
         return None
-    from llama_e_jax import sharding  # deferred: only sharded runs need the rules table
+    from llama_e_jax.model import sharding  # deferred: only sharded runs need the rules table
 
     mesh = leaf_sharding.mesh
     # The rule is written for the model's [L, B, S, K, Dh]; ours is [L, B, K, S, Dh] (heads-major).
@@ -886,7 +887,7 @@ class Generator:
     Args:
       config: the model config (its dtype is the compute and cache dtype).
       params: base params (stacked layers, as model.py); with `adapter`, the adapter is merged in.
-      tokenizer: a llama_e_jax.tokenizer.Tokenizer.
+      tokenizer: a llama_e_jax.io.tokenizer.Tokenizer.
       adapter / lora_config: optional LoRA adapter tree and its settings.
       max_batch_size: rows decoded together (the server's batch; `generate` uses up to this).
       max_length: cache slots per row = prompt + generated tokens (default: the model's context,
@@ -916,7 +917,7 @@ class Generator:
         if layer_loop not in ("unroll", "scan"):
             raise GenerationError(f"layer_loop={layer_loop!r}, expected 'unroll' or 'scan'")
         if adapter is not None:
-            from llama_e_jax import lora
+            from llama_e_jax.model import lora
 
             if lora_config is None:
                 raise GenerationError("an adapter needs its lora_config")
@@ -1014,11 +1015,11 @@ def load_generator(
     `adapter` is a directory saved by `lora.save_adapter` or a PEFT adapter directory. `tokenizer`
     overrides where the tokenizer is read from (default: the model file/directory).
     """
-    from llama_e_jax import weights as weights_io
-    from llama_e_jax.tokenizer import load_tokenizer
+    from llama_e_jax.io import weights as weights_io
+    from llama_e_jax.io.tokenizer import load_tokenizer
 
     if model is None:
-        from llama_e_jax.default_model import ensure_default_gguf
+        from llama_e_jax.io.default_model import ensure_default_gguf
 
         model = str(ensure_default_gguf())
     path = Path(model)
@@ -1035,7 +1036,7 @@ def load_generator(
 
 
 def _load_adapter(directory: str, config: LlamaConfig):
-    from llama_e_jax import lora
+    from llama_e_jax.model import lora
 
     return lora.load_any_adapter(directory, config)  # our format or PEFT's
 

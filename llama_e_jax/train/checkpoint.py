@@ -28,8 +28,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from llama_e_jax import sharding
-from llama_e_jax.lora import describe_differences
+from llama_e_jax.model import sharding
+from llama_e_jax.model.lora import describe_differences
 
 log = logging.getLogger(__name__)
 

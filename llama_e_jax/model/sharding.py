@@ -279,7 +279,7 @@ def load_sharded(reader: SliceReader, abstract_params: Any, mesh: Mesh, rules: R
 
     Args:
       reader: gives `read(param_path, index)` -> np.ndarray of exactly that slice (e.g.
-        llama_e_jax.weights.CheckpointReader); param_path is '/'-joined ("layers/attn/q_proj/kernel").
+        llama_e_jax.io.weights.CheckpointReader); param_path is '/'-joined ("layers/attn/q_proj/kernel").
       abstract_params: ShapeDtypeStructs (from `jax.eval_shape` of the model init).
     """
     shardings = param_shardings(abstract_params, mesh, rules)
@@ -336,7 +336,7 @@ def load_checkpoint_sharded(directory: str, config: Any, mesh: Mesh, rules: Rule
 
     `config` is the LlamaConfig; leaves get its `param_dtype`. Peak host memory is one device shard.
     """
-    from llama_e_jax import weights  # deferred: weights pulls in safetensors/ml_dtypes handling
+    from llama_e_jax.io import weights  # deferred: weights pulls in safetensors/ml_dtypes handling
 
     dtype = np.dtype(config.param_dtype)
     abstract: dict[str, Any] = {}

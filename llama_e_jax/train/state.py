@@ -47,10 +47,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from llama_e_jax import sharding
-from llama_e_jax.config import LlamaConfig
-from llama_e_jax.lora import LORA_A, LORA_B, Adapter, LoraConfig, init_adapter
-from llama_e_jax.model import Llama
+from llama_e_jax.model import sharding
+from llama_e_jax.model.config import LlamaConfig
+from llama_e_jax.model.lora import LORA_A, LORA_B, Adapter, LoraConfig, init_adapter
+from llama_e_jax.model.llama import Llama
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]

@@ -1,0 +1,1 @@
+"""Decoding: sampling, constraints, compiled prefill/decode kernels, the batching session and the CLI."""

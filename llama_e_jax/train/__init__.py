@@ -1,0 +1,1 @@
+"""LoRA training: state and step, checkpoints, the loop, metrics logging and multi-host start-up."""
