@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 TPU_VENV := .venv-tpu
 TPU_STAMP := $(TPU_VENV)/.installed-stamp
 
-.PHONY: setup train test bench
+.PHONY: setup train test bench browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,15 @@ setup: $(STAMP)
 train: setup
 	$(PY) -m llama_e_jax.train $(ARGS)
 
-test: setup $(TPU_STAMP)
+# The playground's browser test (tests/test_playground.py) drives Debian's headless Chromium through
+# chromedriver; install them when missing (as root, as CI runs), otherwise the test skips saying so.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y chromium chromium-driver; \
+	else echo "chromium / chromium-driver missing and not root: the browser test will skip" \
+	     "(sudo apt-get install -y chromium chromium-driver)"; fi
+
+test: setup $(TPU_STAMP) browser
 	$(PY) -m pytest -q tests $(ARGS)
 
 bench: setup

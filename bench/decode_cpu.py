@@ -92,9 +92,9 @@ def run(batch_sizes: tuple[int, ...] = (1, 16), new_tokens: int = 64) -> dict[st
     import transformers
 
     from llama_e_jax.io.default_model import ensure_default_gguf, ensure_default_hf_dir
-    from llama_e_jax.generate.engine import Generator
+    from llama_e_jax.generate.generator import Generator
     from llama_e_jax.io.tokenizer import load_tokenizer
-    from llama_e_jax.io.weights import load_gguf
+    from llama_e_jax.io.gguf_file import load_gguf
 
     hf_dir = ensure_default_hf_dir()
     config, params = load_gguf(ensure_default_gguf(), dtype="float32")

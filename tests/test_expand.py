@@ -326,3 +326,19 @@ def test_request_seed_is_stable_per_attempt_and_new_per_retry(tmp_path):
     assert len(set(seeds[:3])) == 3
     other_job = ex.Job(parse_record(SEEDS[4], "t"), 1)
     assert run.request_kwargs(other_job, 0)["seed"] != seeds[0]
+
+
+@pytest.mark.parametrize("tail", [b'{"id": "exp-ads-1-', None], ids=["torn", "whole-record-no-newline"])
+def test_dry_run_writes_nothing_even_with_a_torn_last_line(tmp_path, seeds_file, tail, capfd):
+    out = tmp_path / "out.jsonl"
+    lines = [json.dumps(dict(SEEDS[0], id="exp-ads-1-0", source="expanded:t"))]
+    content = "\n".join(lines).encode() + (b"\n" + tail if tail else b"")  # no final newline either way
+    out.write_bytes(content)
+    before = os.stat(out)
+    code = ex.main(["--seeds", str(seeds_file), "--out", str(out), "--per-seed", "1", "--dry-run"])
+    assert code == 0
+    assert out.read_bytes() == content  # not cut, not completed
+    assert os.stat(out).st_mtime_ns == before.st_mtime_ns
+    logged = capfd.readouterr().err  # main() installs its own stderr handler (caplog does not see it)
+    assert "would have" in logged and ("cut a torn" in logged) == (tail is not None)
+    assert "1 already done" in logged  # the resume check saw the whole record, as a real run would

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from data_prep import expand as ex
-from llama_e_jax.generate import engine as G
+from llama_e_jax.generate.generator import Generator
 from llama_e_jax import serve as S
 from llama_e_jax.data.schema import read_jsonl
 from llama_e_jax.io.tokenizer import load_tokenizer
@@ -51,7 +51,7 @@ def test_expand_with_our_server_as_a_json_schema_teacher(tmp_path, smollm2_param
     out, first, second = tmp_path / "expanded.jsonl", tmp_path / "first.json", tmp_path / "second.json"
 
     config, params = smollm2_params
-    generator = G.Generator(config, params, load_tokenizer(smollm2_gguf), max_batch_size=8, max_length=640,
+    generator = Generator(config, params, load_tokenizer(smollm2_gguf), max_batch_size=8, max_length=640,
                             chunk_size=8)
     engine = S.BatchingEngine(generator, max_batch_size=8, chunk_size=8, batch_wait_s=0.5)
     with S.ServerThread(S.create_app(engine, model_name="teacher")) as server:

@@ -212,3 +212,35 @@ def test_index_compares_far_fewer_pairs_than_all_pairs():
         assert index.match(entry) is None  # same instruction everywhere, different inputs: all kept
         index.add(entry)
     assert index.candidates < 0.01 * len(records) ** 2 / 2  # all pairs: ~1.1e6
+
+
+def test_a_line_with_bad_bytes_is_one_counted_schema_reject_naming_path_and_line(tmp_path: Path, capsys):
+    data = tmp_path / "in.jsonl"
+    good = [json.dumps(CLEAN[0]).encode(), json.dumps(CLEAN[7]).encode()]
+    data.write_bytes(good[0] + b"\n" + b'{"id": "x\xff", "task": "general_qa"}\n' + good[1] + b"\n")
+    out = tmp_path / "out.jsonl"
+    assert flt.main(["--inputs", str(data), "--out", str(out)]) == 0
+    assert [r.id for r in read_jsonl(out)] == [CLEAN[0]["id"], CLEAN[7]["id"]]  # the rest of the file is read
+    rejects = [json.loads(line) for line in (tmp_path / "out.rejects.jsonl").read_text().splitlines()]
+    assert [(r["rule"], r["where"]) for r in rejects] == [("schema", f"{data}:2")]
+    assert rejects[0]["reason"] == f"{data}:2: (utf-8): not valid UTF-8 (byte b'\\xff' at column 10)"
+    report = json.loads((tmp_path / "out.report.json").read_text())
+    assert report["total"]["read"] == 3 and report["total"]["removed"]["schema"] == 1
+    assert f"{data}:2: (utf-8): not valid UTF-8" in capsys.readouterr().err
+
+
+def test_a_labels_file_beside_the_input_replaces_the_fixed_set(tmp_path: Path):
+    furniture = ["Dining Chairs", "Table Lamps", "Bath Towels"]
+    data = tmp_path / "shop.jsonl"
+    ok = rec("shop-1", "product_classification", "Which category fits this product best?", "Oak chair with a padded seat",
+             "Dining Chairs", options=furniture)
+    outside = rec("shop-2", "product_classification", "Which category fits this product best?", "A brass reading lamp",
+                  "Table Lamps", options=["Table Lamps", "Floor Lamps"])
+    data.write_text(json.dumps(ok) + "\n" + json.dumps(outside) + "\n")
+    result = flt.filter_lines(flt.read_lines([str(data)]), flt.FilterConfig(inputs=(str(data),), out="unused"))
+    assert [r.rule for r in result.rejections] == ["label", "label"]  # the fixed Google set is the default
+    (tmp_path / "shop.labels.json").write_text(json.dumps({"product_classification": furniture}))
+    result = flt.filter_lines(flt.read_lines([str(data)]), flt.FilterConfig(inputs=(str(data),), out="unused"))
+    assert [r.id for r in result.kept] == ["shop-1"]
+    assert [(r.rule, r.where) for r in result.rejections] == [("label", f"{data}:2")]
+    assert "label outside the product_classification label set (['Floor Lamps'])" in result.rejections[0].reason

@@ -1,8 +1,8 @@
 """Our Flax LLaMA against transformers' LlamaForCausalLM (torch, fp32) on the same weights.
 
 * Real SmolLM2-135M-Instruct: logits on a right-padded batch (padding marked by segment id 0,
-  attention_mask in torch) agree to 1e-3 at every real token, and a 32-token greedy continuation
-  is identical.
+  attention_mask in torch) agree to conftest.logits_bound at every real token, and a 32-token greedy
+  continuation is identical (up to near ties, see the test).
 * Tiny random models exported with `save_hf_checkpoint`: GQA, MHA with tied embeddings, MQA with
   Llama-3.1 rope scaling and rope_theta 5e5, linear rope scaling — at arbitrary start positions.
 * Packed rows: each segment of a packed row gives the logits of running it alone.
@@ -20,6 +20,8 @@ from transformers import LlamaForCausalLM
 from llama_e_jax.model.llama import Llama
 from llama_e_jax.io.tokenizer import load_tokenizer
 from llama_e_jax.io.weights import save_hf_checkpoint
+
+from conftest import assert_close, logits_bound
 
 PROMPTS = [
     [{"role": "user", "content": "Write a one-line ad for a stainless steel water bottle."}],
@@ -82,28 +84,37 @@ def batch_logits(smollm2_params, torch_smollm2, prompt_ids, greedy_reference):
     last token) and the other prompts. One forward each, shared by the tests below."""
     config, params = smollm2_params
     ids, segments = right_pad([greedy_reference[:-1], *prompt_ids[1:]])
-    ours = np.asarray(jax.jit(Llama(config).apply)({"params": params}, ids, segment_ids=segments))
+    with jax.default_matmul_precision("highest"):  # full fp32 on every backend (no TF32 on GPUs), as torch's
+        ours = np.asarray(jax.jit(Llama(config).apply)({"params": params}, ids, segment_ids=segments))
     return segments, ours, torch_logits(torch_smollm2, ids, mask=segments)
 
 
-def test_real_logits_match_transformers_on_right_padded_batch(batch_logits):
+def test_real_logits_match_transformers_on_right_padded_batch(batch_logits, smollm2_params):
     segments, ours, reference = batch_logits
     assert (segments == 0).any(), "the batch must contain padding"
     real = segments.astype(bool)
-    error = np.abs(ours[real] - reference[real]).max()
-    assert error <= 1e-3, error
     assert np.abs(reference[real]).max() > 10  # logits of a real model, not a degenerate comparison
-    np.testing.assert_array_equal(ours[real].argmax(-1), reference[real].argmax(-1))
+    # fp32 by two implementations: conftest.logits_bound (|logit| ~41 -> 2.9e-2; 1.1e-4 measured). A mix-up
+    # moves the logits by whole units (measured: q/k rows in interleaved-rotary order in one layer 6.1,
+    # rope_theta 1e4 for 1e5 12.7, two layers' down_proj swapped 31.7). No argmax check here: within the
+    # bound, two logits closer than 2 bounds (5 of these 104 rows) may legitimately swap order.
+    assert_close(ours[real], reference[real], atol=logits_bound(smollm2_params[0], reference[real]),
+                 why="fp32, torch vs XLA kernels")
 
 
-def test_real_greedy_32_tokens_match_transformers(batch_logits, greedy_reference, prompt_ids):
+def test_real_greedy_32_tokens_match_transformers(batch_logits, greedy_reference, prompt_ids, smollm2_params):
     """Our argmax after every prefix picks transformers' next greedy token. For a causal model that
     is exactly "our greedy continuation is identical", checked with one forward instead of 32."""
-    _, ours, _ = batch_logits
+    _, ours, reference = batch_logits
     prompt_length = len(prompt_ids[0])
-    continuation = greedy_reference[prompt_length:]
+    continuation = np.asarray(greedy_reference[prompt_length:])
     assert len(continuation) == 32 and len(set(continuation)) > 3, continuation  # real text
-    assert ours[0, prompt_length - 1 :].argmax(-1).tolist() == continuation
+    picks = ours[0, prompt_length - 1 :].argmax(-1)  # [32]
+    steps = reference[0, prompt_length - 1 :]  # [32, V] transformers' logits after each prefix
+    # Two fp32 implementations may order logits closer than 2 bounds (~0.05) either way (the closest top-2
+    # gap on this prompt is 0.055): ours must pick transformers' token or one that close to it.
+    tied = steps[np.arange(32), picks] >= steps[np.arange(32), continuation] - 2 * logits_bound(smollm2_params[0], steps)
+    assert ((picks == continuation) | tied).all(), (picks.tolist(), continuation.tolist())
 
 
 # ---------------------------------------------------------------------------- tiny random models
@@ -122,7 +133,7 @@ def test_tiny_export_matches_transformers(tiny_variant, tiny_config, tiny_params
     positions = (np.arange(24)[None, :] + np.array([[0], [40]])).astype(np.int32)
     ours = np.asarray(Llama(config).apply({"params": params}, ids, positions=positions))
     reference = torch_logits(reference_model, ids, positions=positions)
-    np.testing.assert_allclose(ours, reference, atol=2e-5, rtol=1e-5)
+    assert_close(ours, reference, atol=logits_bound(config, reference), why="fp32, torch vs XLA kernels")
     if config.tie_word_embeddings:
         assert "lm_head" not in params
 
@@ -144,8 +155,9 @@ def test_packed_segments_equal_separate_runs(tiny_config, tiny_params):
     alone_ids, _ = right_pad([p.tolist() for p in pieces])  # [3, 7]; causal, so the padding is inert
     alone = np.asarray(causal(alone_ids))
     starts = np.cumsum([0] + lengths)
+    tolerance = logits_bound(config, alone)  # the same fp32 sums, blocked differently for other shapes
     for k, n in enumerate(lengths):
-        np.testing.assert_allclose(packed[0, starts[k] : starts[k] + n], alone[k, :n], atol=1e-5, rtol=1e-5)
+        assert_close(packed[0, starts[k] : starts[k] + n], alone[k, :n], atol=tolerance, why="fp32, other shapes")
     # Without the segment mask, later segments see earlier ones and change: the check is not vacuous.
     leaky = np.asarray(with_segments(ids, positions, np.ones_like(segments)))
-    assert np.abs(leaky[0, starts[1] : starts[2]] - packed[0, starts[1] : starts[2]]).max() > 1e-3
+    assert np.abs(leaky[0, starts[1] : starts[2]] - packed[0, starts[1] : starts[2]]).max() > 100 * tolerance

@@ -145,3 +145,17 @@ def test_perplexity_from_loss():
     assert metrics.perplexity_from_loss(2 * math.log(4.0), 2) == pytest.approx(4.0)
     assert math.isnan(metrics.perplexity_from_loss(1.0, 0))
     assert metrics.perplexity_from_loss(1e6, 1) == math.inf
+
+
+def test_open_labels_with_colons_match_themselves_and_prefixes_still_strip():
+    products = ["Cable Matters USB Cable: 3 Pack", "Belkin Extension Cable", "USB Hub: 4 ports"]
+    assert metrics.match_label("cable matters usb cable: 3 pack.", products) == products[0]
+    assert metrics.match_label("Answer: USB Hub: 4 ports", products) == products[2]
+    assert metrics.match_label("Answer: Belkin Extension Cable", products) == products[1]
+    assert metrics.match_label("3 Pack", products) is None  # the prefix rule never makes a label out of a tail
+
+
+def test_free_text_intentions_match_only_whole():
+    intentions = ["because they both are a type of USB extension cable.", "because they could both be worn."]
+    assert metrics.match_label("Because they both are a type of USB extension cable", intentions) == intentions[0]
+    assert metrics.match_label("because they both are a type of USB", intentions) is None

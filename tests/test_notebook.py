@@ -45,23 +45,40 @@ def test_notebook_runs_top_to_bottom_on_cpu(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "adapter").is_dir()
 
 
-def run_install_cell(cwd: Path, source: str) -> subprocess.CompletedProcess:
+def run_install_cell(cwd: Path, source: str, **env: str) -> subprocess.CompletedProcess:
     """The notebook's install cell as a script, started outside any checkout."""
     cell = nbformat.read(NOTEBOOK, as_version=4).cells[1].source
-    env = dict(os.environ, LLAMA_E_PACKAGE_SOURCE=source)
-    return subprocess.run([sys.executable, "-c", cell], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+    env = dict(os.environ, LLAMA_E_PACKAGE_SOURCE=source, **env)
+    return subprocess.run([sys.executable, "-c", cell], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_install_cell_explains_a_missing_or_wrong_package_source(tmp_path):
     missing = run_install_cell(tmp_path, str(tmp_path / "nowhere"))
     assert missing.returncode == 1
-    assert "does not exist. Upload the repository folder to /content/llama_e_jax" in missing.stderr
+    assert "does not exist: set it to a repository folder" in missing.stderr
     (tmp_path / "not_a_repo").mkdir()
     wrong = run_install_cell(tmp_path, str(tmp_path / "not_a_repo"))
     assert wrong.returncode == 1 and "does not hold the repository" in wrong.stderr
+
+
+def test_install_cell_on_a_fresh_runtime_installs_from_the_git_repository(tmp_path):
+    # No checkout around, no PACKAGE_SOURCE, no /content/llama_e_jax: cell 1 must install from git, not stop.
+    # A local bare URL that does not exist stands in for the real repository (no network here): pip is
+    # asked for exactly it, and its failure is pip's, not a SystemExit of the cell.
+    assert not Path("/content/llama_e_jax").exists()
+    url = f"git+file://{tmp_path}/missing.git"
+    fresh = run_install_cell(tmp_path, "", LLAMA_E_REPOSITORY=url, PIP_NO_INDEX="1")
+    assert f"pip install llama_e_jax @ {url}" in fresh.stdout
+    assert "CalledProcessError" in fresh.stderr and "SystemExit" not in fresh.stderr
 
 
 def test_install_cell_uses_the_checkout_it_sits_in():
     in_place = run_install_cell(NOTEBOOK.parent, "/nonexistent")  # the source is never consulted
     assert in_place.returncode == 0, in_place.stderr
     assert in_place.stdout.strip() == f"llama_e_jax from {REPO}"
+
+
+def test_notebook_has_a_colab_badge():
+    intro = nbformat.read(NOTEBOOK, as_version=4).cells[0].source
+    assert "https://colab.research.google.com/assets/colab-badge.svg" in intro
+    assert "colab.research.google.com/github/" in intro and "notebooks/colab_tpu_demo.ipynb" in intro

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from llama_e_jax.data.labels import PRODUCT_CATEGORIES, PURCHASE_INTENTS
+from llama_e_jax.data.labels import PRODUCT_CATEGORIES, PURCHASE_INTENTS, LabelFileError
 from llama_e_jax.data.schema import (
     InstructionRecord,
     InvalidRecordsError,
@@ -125,7 +125,8 @@ def test_read_jsonl_raises_all_errors_with_file_and_line(tmp_path):
         (f"{path}:6", "options"),
     ]
     text = str(err)
-    assert text.startswith("4 invalid record(s):")
+    assert text.startswith("4 invalid record(s) [(json): malformed JSON x1, source: missing x1, "
+                           "task: unknown task x1, options: label outside the product_classification label set x1]:")
     assert f"{path}:2: (json): malformed JSON" in text
     assert f"{path}:4: source: missing" in text
     assert f"{path}:5: task: unknown task ('poetry'" in text
@@ -179,3 +180,82 @@ def test_write_refuses_invalid_record_and_leaves_no_file(tmp_path):
     with pytest.raises(RecordError, match=r"records.jsonl:1: output: must not be empty"):
         write_jsonl(path, [bad])
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ open and declared label sets
+
+FURNITURE = ["Dining Chairs", "Table Lamps", "Bath Towels", "Bookcases"]
+
+
+def furniture_record(id_="shop-1", **changes) -> dict:
+    fields = {"input": "Solid oak chair, padded seat, set of 2", "output": "Dining Chairs", "options": FURNITURE[:3]}
+    return classification_record(id=id_, **{**fields, **changes})
+
+
+def test_open_label_sets_accept_any_options_that_contain_the_output():
+    record = parse_record(furniture_record(), "f:1", label_sets={})
+    assert record.options == tuple(FURNITURE[:3])
+    intention = classification_record(task="intent_speculation", output="because both keep the same laptop running",
+                                      options=["because both keep the same laptop running", "because both are red"])
+    assert parse_record(intention, "f:1", label_sets={}).output.startswith("because")
+    assert "label outside the product_classification label set" in error_for(furniture_record())  # fixed by default
+
+
+@pytest.mark.parametrize("options, expected", [
+    (["Dining Chairs"], "options: needs at least 2 labels"),
+    (["Dining Chairs", "Dining Chairs"], "options: has duplicates"),
+    (["Dining Chairs", " "], "options: has an empty entry"),
+    (["Table Lamps", "Bath Towels"], "output: not one of the options"),
+])
+def test_open_options_still_need_two_distinct_labels_with_the_output(options, expected):
+    with pytest.raises(RecordError, match=expected):
+        parse_record(furniture_record(options=options), "f:1", label_sets={})
+
+
+def test_a_labels_file_beside_the_jsonl_declares_the_set_and_out_of_set_lines_are_reported(tmp_path):
+    lines = [furniture_record("s1"), furniture_record("s2", options=["Dining Chairs", "Sofas"]),
+             furniture_record("s3"), furniture_record("s4", options=["Dining Chairs", "Rugs", "Sofas"])]
+    path = write_lines(tmp_path / "shop.jsonl", lines)
+    (tmp_path / "shop.labels.json").write_text(json.dumps({"product_classification": FURNITURE}))
+    with pytest.raises(InvalidRecordsError) as info:
+        read_jsonl(path, label_sets={})  # the declared set applies even to an otherwise open reader
+    text = str(info.value)
+    assert text.startswith("2 invalid record(s) [options: label outside the product_classification label set x2]:")
+    assert f"{path}:2: options: label outside the product_classification label set (['Sofas'])" in text
+    assert f"{path}:4: options: label outside the product_classification label set (['Rugs', 'Sofas'])" in text
+    records, report = read_jsonl_with_report(path, skip_invalid=True)
+    assert [r.id for r in records] == ["s1", "s3"] and report.counts_by_reason() == {
+        "options: label outside the product_classification label set": 2}
+
+
+def test_a_directory_labels_file_can_leave_a_task_open_and_bad_ones_are_clear(tmp_path):
+    path = write_lines(tmp_path / "intent.jsonl", [furniture_record()])
+    (tmp_path / "labels.json").write_text(json.dumps({"product_classification": None}))
+    assert len(read_jsonl(path)) == 1  # null = open, overriding the fixed default
+    (tmp_path / "labels.json").write_text(json.dumps({"product_classification": ["Only one"]}))
+    with pytest.raises(LabelFileError, match=r"labels.json: product_classification: needs at least 2 distinct"):
+        read_jsonl(path)
+    (tmp_path / "labels.json").write_text(json.dumps({"general_qa": ["a", "b"]}))
+    with pytest.raises(LabelFileError, match=r"labels.json: general_qa: not a choice task"):
+        read_jsonl(path)
+
+
+def test_aspects_are_optional_only_when_the_reader_says_so(tmp_path):
+    obj = ad_record()
+    del obj["aspects"]
+    assert error_for(obj) == "f.jsonl:7: aspects: missing"
+    record = parse_record(obj, "f:1", require_aspects=False)
+    assert record.aspects == () and "aspects" not in record.to_json()
+    path = str(tmp_path / "out.jsonl")
+    write_jsonl(path, [record])  # written without aspects; reads back for evaluation
+    assert read_jsonl(path, require_aspects=False) == [record]
+    with pytest.raises(InvalidRecordsError, match="aspects: missing"):
+        read_jsonl(path)  # training data keeps requiring them
+
+
+def test_a_line_that_is_not_utf8_is_one_error_with_its_line(tmp_path):
+    path = tmp_path / "bytes.jsonl"
+    path.write_bytes(json.dumps(ad_record(id="a")).encode() + b"\n\xff\xfe\n" + json.dumps(ad_record(id="b")).encode())
+    records, report = read_jsonl_with_report(path, skip_invalid=True)
+    assert [r.id for r in records] == ["a", "b"]
+    assert [str(e) for e in report.errors] == [f"{path}:2: (utf-8): not valid UTF-8 (byte b'\\xff' at column 1)"]

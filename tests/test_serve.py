@@ -14,7 +14,8 @@ import time
 import httpx
 import pytest
 
-from llama_e_jax.generate import engine as G
+from llama_e_jax.generate.generator import Generator
+from llama_e_jax.generate.session import Completion, Request
 from llama_e_jax.generate import sampling
 from llama_e_jax import serve as S
 from llama_e_jax.model.config import LlamaConfig
@@ -36,7 +37,7 @@ def server(smollm2_hf_dir):
     config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_layers=2,
                          num_heads=4, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, tie_word_embeddings=True,
                          max_position_embeddings=MAX_CONTEXT, eos_token_ids=(tokenizer.eos_id,))
-    generator = G.Generator(config, random_params(config, seed=5), tokenizer, max_batch_size=8,
+    generator = Generator(config, random_params(config, seed=5), tokenizer, max_batch_size=8,
                             max_length=MAX_CONTEXT, chunk_size=4)
     engine = S.BatchingEngine(generator, max_batch_size=8, chunk_size=4, batch_wait_s=0.02)
     app = S.create_app(engine, model_name=MODEL, api_key=API_KEY)
@@ -49,19 +50,19 @@ def client(server):
     return openai.OpenAI(base_url=server[0].base_url, api_key=API_KEY, max_retries=0, timeout=120)
 
 
-def direct(generator: G.Generator, prompts: str | list[str], max_tokens: int, *, temperature: float = 0.0,
-           top_p: float = 1.0, seed: int = 0, stop: tuple[str, ...] = ()) -> list[G.Completion]:
+def direct(generator: Generator, prompts: str | list[str], max_tokens: int, *, temperature: float = 0.0,
+           top_p: float = 1.0, seed: int = 0, stop: tuple[str, ...] = ()) -> list[Completion]:
     """What the server should answer: the prompts run through the generator directly, in a session of
     the engine's shape (so the compiled functions are shared and the test stays fast)."""
     prompts = [prompts] if isinstance(prompts, str) else prompts
     sampler = sampling.TopP(p=top_p, temperature=temperature)
     session = generator.session(sampler, batch_size=8, max_length=MAX_CONTEXT, chunk_size=4)
-    requests = [G.Request(generator.encode_prompt(p), max_tokens, sampler, stop, seed=seed) for p in prompts]
+    requests = [Request(generator.encode_prompt(p), max_tokens, sampler, stop, seed=seed) for p in prompts]
     session.run(requests)
     return [r.completion() for r in requests]
 
 
-def chat_prompt(generator: G.Generator, content: str) -> str:
+def chat_prompt(generator: Generator, content: str) -> str:
     return generator.tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
@@ -236,9 +237,9 @@ def test_bad_requests_and_disconnects_do_not_disturb_requests_in_flight(server):
         assert in_flight.result() == expected.text
     assert statuses == [400, 400]
     deadline = time.monotonic() + 30
-    while engine.session.num_free_rows != engine.max_batch_size and time.monotonic() < deadline:
+    while not engine.idle and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert engine.session.num_free_rows == engine.max_batch_size  # the abandoned row was freed
+    assert engine.rows_in_use == 0 and engine.queued_rows == 0  # the abandoned row was freed
     reply = client.completions.create(model=MODEL, prompt="still fine", max_tokens=5, temperature=0)
     assert reply.choices[0].text == direct(generator, "still fine", 5)[0].text
 
@@ -246,3 +247,4 @@ def test_bad_requests_and_disconnects_do_not_disturb_requests_in_flight(server):
 def test_cli_parser_defaults_to_localhost():
     args = S.build_parser().parse_args([])
     assert args.host == "127.0.0.1" and args.api_key is None
+    assert (args.max_rows_per_request, args.max_queue, args.max_body_bytes, args.docs) == (64, 256, 4 << 20, False)

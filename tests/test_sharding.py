@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 if __name__ == "__main__":  # the 8-device worker: the flags must be set before JAX starts its backend
@@ -29,9 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from llama_e_jax.io.load import load_model
+from llama_e_jax.io.weights import param_shapes, save_hf_checkpoint
 from llama_e_jax.model import sharding
 from llama_e_jax.model.config import LlamaConfig
-from llama_e_jax.model.lora import LoraConfig
+from llama_e_jax.model.lora import LoraConfig, init_adapter
 from llama_e_jax.model.llama import KVCache, Llama
 from llama_e_jax.model.sharding import MeshConfig, P
 
@@ -54,9 +57,6 @@ def tiny_setup(preset: str = "tiny"):
 def variables_init(model: Llama):
     """Random {'params', 'lora'} from shape tables alone: the same tree as model.init without tracing
     a forward pass (which would cost a compile per mesh)."""
-    from llama_e_jax.model.lora import init_adapter
-    from llama_e_jax.io.weights import param_shapes
-
     def init(key):
         params: dict = {}
         for index, (path, shape) in enumerate(sorted(param_shapes(model.config).items())):
@@ -235,21 +235,30 @@ def eight_devices() -> dict:
 
 def test_state_lands_with_golden_specs_on_devices(eight_devices):
     golden = golden_sections()
-    assert eight_devices["placed_specs"] == golden[VARIABLES_222]  # init_sharded
+    assert eight_devices["placed_specs"] == golden[VARIABLES_222]  # load_model's params + the adapter rules
     assert eight_devices["train_state_specs"] == tiny_train_state_specs(MESH_222)  # Trainer.init / step outputs
     assert any("opt_state" in line and "lora_b" in line and "'tensor'" in line for line in eight_devices["train_state_specs"])
     # q_proj kernel [2, 64, 64] split fsdp x tensor on 2x2x2 -> each device holds [2, 32, 32]
     assert eight_devices["q_kernel_shard_shape"] == [2, 32, 32]
-    assert eight_devices["init_sharded_equals_unsharded"]  # born sharded, same values as a 1-device init
+    assert eight_devices["born_sharded_equals_unsharded"]  # load_model(mesh=...): same values as a 1-device init
 
 
 @pytest.mark.parametrize("mesh_name", PARITY_MESHES)
 def test_three_train_steps_match_single_device(eight_devices, mesh_name):
+    from conftest import assert_close, train_loss_bound  # here, not at the top: workers run this file
+
     reference, sharded = eight_devices["train"]["single"], eight_devices["train"][mesh_name]
     assert len(sharded["losses"]) == 3
-    np.testing.assert_allclose(sharded["losses"], reference["losses"], atol=1e-5, rtol=0)
-    assert reference["losses"][2] < reference["losses"][0]  # the adapters did learn something
-    assert sharded["max_adapter_diff"] <= 1e-5
+    tolerance = train_loss_bound(tiny_setup()[0], reference["losses"], tokens=8 * 16)  # _host_batches' rows
+    assert_close(sharded["losses"], reference["losses"], atol=tolerance, why="fp32 losses, sharded sums")
+    # The adapters did learn something, by far more than the bound (0.095 in step 3 vs 3.8e-4): a gradient
+    # summed over the wrong shards or an update applied on one shard only could not pass.
+    assert reference["losses"][2] < reference["losses"][0] - 100 * tolerance
+    # Adam's step is lr x m/sqrt(v) (1e-2 here): a gradient error relative to |g| changes it by as much.
+    # The gradients agree to fp32_bound (~1e-4 of the largest), so every element moves the same up to 1e-3
+    # of the step unless its own |g| is within ~10 % of the largest times 1e-3 - a property of this data
+    # (the same on every CPU), not of the kernels; measured 1.6e-6 against 1.05e-5.
+    assert sharded["max_adapter_diff"] <= 1e-3 * sharded["adapter_change"]
     assert sharded["adapter_change"] > 1e-4  # and the adapters moved, so the comparison means something
 
 
@@ -277,7 +286,8 @@ def test_load_sharded_reads_only_each_devices_slice(eight_devices):
 
 
 def test_hf_checkpoint_loads_straight_into_shards(eight_devices):
-    loaded = eight_devices["load_checkpoint_sharded"]
+    """The loader every entry point uses (io.load.load_model), given an HF directory and a mesh."""
+    loaded = eight_devices["load_model_hf_sharded"]
     assert loaded["files"] > 1  # a multi-file checkpoint, read through weights.CheckpointReader
     assert loaded["equal"]
     assert loaded["q_spec"] == [None, "fsdp", "tensor"]
@@ -368,7 +378,7 @@ def _step_constraints(mesh, config, lora_config) -> list[str]:
 
 
 def _generate(config, lora_config, base, adapter) -> list[list[int]]:
-    from llama_e_jax.generate.engine import Generator
+    from llama_e_jax.generate.generator import Generator
     from llama_e_jax.io.tokenizer import ByteTokenizer
 
     prompts = [list(np.random.default_rng(i).integers(3, 256, size=3 + i)) for i in range(8)]
@@ -438,12 +448,17 @@ def _worker(part: str) -> dict:
 
 def _placement_checks(model, config, mesh222, base_host) -> dict:
     out: dict = {}
-    variables = sharding.init_sharded(variables_init(model), mesh222, jax.random.key(0))
+    # Random base params born sharded by the loader (as training's model.source="random" gets them);
+    # the adapter placed by the same rules table the Trainer's state follows.
+    params = load_model("tiny", mesh=mesh222).params
+    adapter = init_adapter(config, model.lora, jax.random.key(1))
+    variables = {"params": params, "lora": jax.device_put(adapter, sharding.param_shardings(adapter, mesh222))}
     out["placed_specs"] = _placed_lines(variables)
     q_kernel = variables["params"]["layers"]["attn"]["q_proj"]["kernel"]
     out["q_kernel_shard_shape"] = list(q_kernel.addressable_shards[0].data.shape)
-    out["init_sharded_equals_unsharded"] = all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
-        lambda a, b: bool(np.array_equal(np.asarray(a), b)), variables["params"], base_host)))
+    unsharded = load_model("tiny").params  # the same seed on one device
+    out["born_sharded_equals_unsharded"] = all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+        lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), params, unsharded)))
 
     rows = np.arange(16 * 5, dtype=np.int32).reshape(16, 5)
     batch = sharding.shard_batch({"input_ids": rows}, mesh222)["input_ids"]
@@ -462,15 +477,11 @@ def _placement_checks(model, config, mesh222, base_host) -> dict:
                            "largest_read_fraction": max(sharded_reads)}
 
     # A real HF checkpoint (several safetensors shards), read slice by slice into a 2x2x2 mesh.
-    import tempfile
-
-    from llama_e_jax.io.weights import save_hf_checkpoint
-
     with tempfile.TemporaryDirectory() as directory:
         save_hf_checkpoint(base_host, config, directory, shard_size="40KB")
-        from_hf = sharding.load_checkpoint_sharded(directory, config, mesh222)
+        from_hf = load_model(directory, tokenizer="bytes", mesh=mesh222).params
         hf_equal = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(np.asarray(a), b)), from_hf, base_host)
-        out["load_checkpoint_sharded"] = {
+        out["load_model_hf_sharded"] = {
             "files": len(list(Path(directory).glob("*.safetensors"))), "equal": all(jax.tree_util.tree_leaves(hf_equal)),
             "q_spec": _spec_json(from_hf["layers"]["attn"]["q_proj"]["kernel"].sharding.spec)}
 

@@ -19,7 +19,8 @@ from llama_e_jax.data.pipeline import (
     tokenize_split,
 )
 from llama_e_jax.data.prompt import build_prompt, prompt_and_response
-from llama_e_jax.data.schema import TASKS, InstructionRecord, RecordError, write_jsonl
+from llama_e_jax.train import recipe
+from llama_e_jax.data.schema import TASKS, InstructionRecord, RecordError, read_jsonl, write_jsonl
 
 WORDS = "trail boots leather ünï waterproof ✓ gift sale fast 42 ounce red blue, new!".split()
 
@@ -121,6 +122,8 @@ def test_split_of_a_record_does_not_depend_on_other_records():
     many = [r for task in TASKS for r in make_records(task, 400)]
     splits = tfds_builder.assign_splits(many)
     fractions = {s: len(v) / len(many) for s, v in splits.items()}
+    # Hashed ids split like coin flips: over 2000 records sd(train) = sqrt(.9 x .1 / 2000) = 0.0067 and
+    # sd(test) = 0.0049, so +-0.04 and +-0.02 are 6 and 4 sd (and the hash is the same on every machine).
     assert 0.86 < fractions["train"] < 0.94 and 0.03 < fractions["test"] < 0.07
     subset = many[::2]
     sub_splits = tfds_builder.assign_splits(subset)
@@ -301,3 +304,45 @@ def test_pipeline_reads_the_tfds_source(built, tokenizer):
     texts = decoded_examples(batches, tokenizer)
     assert sorted(texts) == sorted(expected_examples([source[i] for i in range(len(source))]))
     assert texts[0][0].startswith(build_prompt(source[0].instruction, source[0].input))
+
+
+# ------------------------------------------------------------------ the default mix and the import recipes
+
+
+def test_default_recipe_builds_the_seed_mix_with_the_mix_only_in_train(tmp_path):
+    """configs/default.py trains on `seed_mix`: seeds + data_prep/mix, whose records are all train."""
+    config = recipe.load_config_file("default")
+    assert config.data.tfds_config == "seed_mix" and not config.data.files
+    builder = tfds_builder.build_dataset(config.data.tfds_config, tmp_path)
+    mix_files = sorted(tfds_builder.DEFAULT_MIX_DIR.glob("*.jsonl"))
+    mix = {r.id for path in mix_files for r in read_jsonl(path)}
+    assert mix and all(tfds_builder.fixed_split_of(p) == "train" for p in mix_files)
+    splits = {s: {r.id for r in tfds_builder.load_split(s, "seed_mix", tmp_path).read_all()} for s in tfds_builder.SPLITS}
+    assert mix <= splits["train"] and not mix & (splits["validation"] | splits["test"])
+    label_sets = builder.info.metadata["label_sets"]
+    intent_file = next(f for f in label_sets if f.endswith("intentionqa.train.jsonl"))
+    assert label_sets[intent_file]["intent_speculation"] is None  # declared open beside the file
+    seed_file = next(f for f in label_sets if f.endswith("product_classification.jsonl"))
+    assert label_sets[seed_file]["product_classification"] == list(LABEL_SETS["product_classification"])
+    intents = [r for r in tfds_builder.load_split("train", "seed_mix", tmp_path).read_all()
+               if r.id.startswith("intentionqa-")]
+    assert len({r.options for r in intents}) > 0.9 * len(intents)  # a different label set per record
+    positions = [r.options.index(r.output) for r in intents]
+    assert max(positions.count(k) for k in set(positions)) < 0.4 * len(positions)  # gold position shuffled
+
+
+@pytest.mark.parametrize("name", ["imported_cpu", "imported_accel"])
+def test_import_recipes_only_change_values_of_the_default_schema(name):
+    config, schema = recipe.load_config_file(name), recipe.load_config_file("default")
+
+    def leaves(node, prefix=""):
+        return {k for key, value in node.items()
+                for k in (leaves(value, f"{prefix}{key}.") if hasattr(value, "items") else {prefix + key})}
+
+    assert leaves(config) == leaves(schema) and config.data.tfds_config == "imported"
+
+
+def test_imported_config_without_the_import_says_what_to_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMA_E_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(FileNotFoundError, match="python -m data_prep.importers"):
+        tfds_builder.build_dataset("imported", tmp_path)

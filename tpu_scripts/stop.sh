@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stop training on every worker: SIGTERM, which makes llama_e_jax.train.loop finish its step, write a
+# Stop training on every worker: SIGTERM, which makes llama_e_jax.train finish its step, write a
 # checkpoint and exit 0 — launch.sh with the same arguments resumes from it.
 #
 #   tpu_scripts/stop.sh --name llama-e

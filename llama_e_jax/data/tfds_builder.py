@@ -10,12 +10,24 @@ through `builder.as_data_source()` with raw bytes, which `RecordSource` parses b
 Configs:
   * `seed`           - the hand-written seeds, `data_prep/seeds/*.jsonl` (one file per task).
   * `seed_expanded`  - the seeds plus teacher-expanded files (`extra_files`, e.g. data/expanded/*.jsonl).
+  * `seed_mix`       - the seeds plus the small committed mix of imported public data
+                       (`data_prep/mix/*.jsonl`, train split only): choosing among given, shuffled,
+                       per-record candidates. What `make train` uses.
+  * `imported`       - the seeds plus the whole import of ../shared/data (`python -m data_prep.importers`
+                       writes it to `$LLAMA_E_CACHE/imported`), with its own train/validation/test.
+  `seed_mix` and `imported` read their default files unless `extra_files` are given.
+
+Label sets: every file is read with the fixed sets of `labels.py` as defaults, overridden per task
+by a labels file beside it (`labels.declared_label_sets`); what applied to each file is kept in
+`info.metadata["label_sets"]`.
 
 Features: every record field is a `Text`; `aspects` and `options` are `Sequence(Text)`, with an
 empty `options` meaning None (a record that has options has at least one).
 
 Splits (train/validation/test, 90/5/5) are a function of each record's id: `u` = the first 64
-bits of sha256(id) / 2**64, test if `u < 0.05`, validation if `u < 0.10`, else train. A record's
+bits of sha256(id) / 2**64, test if `u < 0.05`, validation if `u < 0.10`, else train. A file whose
+name says its split (`train.jsonl`, `x.test.jsonl`, ...; `fixed_split_of`) goes wholly to that split
+instead: the importers split by group (a question, an item pair), which an id hash would undo. A record's
 split therefore never changes when other records are added, so the seed test set stays held out in
 `seed_expanded`. Small tasks could miss validation or test by chance, so within each task with at
 least 3 records the smallest-`u` train records are moved to fill an empty test, then validation.
@@ -33,6 +45,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -40,6 +53,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.proto import tf_example_pb2
 
+from llama_e_jax.data.labels import LABEL_SETS, declared_label_sets, labels_file_for
 from llama_e_jax.data.schema import TASKS, InstructionRecord, read_jsonl_files
 
 log = logging.getLogger(__name__)
@@ -48,13 +62,34 @@ DATASET_NAME = "llama_e_instructions"
 SPLIT_FRACTIONS = {"test": 0.05, "validation": 0.05}  # train gets the rest
 SPLITS = ("train", "validation", "test")
 DEFAULT_SEED_DIR = Path(__file__).resolve().parents[2] / "data_prep" / "seeds"
+DEFAULT_MIX_DIR = Path(__file__).resolve().parents[2] / "data_prep" / "mix"
 _TEXT_FIELDS = ("id", "task", "instruction", "input", "output", "source")
+
+
+def _cache_dir() -> str:
+    return os.environ.get("LLAMA_E_CACHE", os.path.expanduser("~/.cache/llama_e_jax"))
 
 
 def default_data_dir() -> str:
     """`$LLAMA_E_CACHE/tensorflow_datasets` (cache defaults to ~/.cache/llama_e_jax)."""
-    cache = os.environ.get("LLAMA_E_CACHE", os.path.expanduser("~/.cache/llama_e_jax"))
-    return os.path.join(cache, "tensorflow_datasets")
+    return os.path.join(_cache_dir(), "tensorflow_datasets")
+
+
+def default_imported_dir() -> str:
+    """Where `python -m data_prep.importers` writes by default: `$LLAMA_E_CACHE/imported`."""
+    return os.path.join(_cache_dir(), "imported")
+
+
+def default_extra_files(kind: str) -> list[str]:
+    """The files a config reads when no `extra_files` are given ("" = none)."""
+    if kind == "mix":
+        return [str(DEFAULT_MIX_DIR)]
+    if kind == "imported":
+        root = default_imported_dir()
+        if not glob.glob(os.path.join(root, "*", "train.jsonl")):
+            raise FileNotFoundError(f"no imported data under {root}; run `python -m data_prep.importers` first")
+        return [os.path.join(root, "*", f"{split}.jsonl") for split in SPLITS]
+    return []
 
 
 # ---------------------------------------------------------------------------------------- splits
@@ -64,6 +99,15 @@ def split_fraction(record_id: str) -> float:
     """The record's position in [0, 1), from sha256 of its id (stable across runs and machines)."""
     digest = hashlib.sha256(record_id.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def fixed_split_of(path: str | os.PathLike) -> str | None:
+    """The split a file's name assigns all its records to (`test.jsonl`, `a.train.jsonl`), else None."""
+    name = os.path.basename(os.fspath(path))
+    for split in SPLITS:
+        if name == f"{split}.jsonl" or name.endswith(f".{split}.jsonl"):
+            return split
+    return None
 
 
 def assign_splits(records: Iterable[InstructionRecord]) -> dict[str, list[InstructionRecord]]:
@@ -109,9 +153,9 @@ def expand_paths(patterns: Iterable[str | os.PathLike]) -> list[str]:
 
 
 def fingerprint(files: Sequence[str]) -> str:
-    """sha256 over file names and contents: changes whenever any input file changes."""
+    """sha256 over file names and contents (and their labels files): changes whenever any input changes."""
     h = hashlib.sha256()
-    for path in files:
+    for path in [*files, *sorted({f for f in map(labels_file_for, files) if f})]:
         h.update(os.path.basename(path).encode() + b"\0")
         with open(path, "rb") as f:
             h.update(hashlib.sha256(f.read()).digest())
@@ -123,23 +167,40 @@ def fingerprint(files: Sequence[str]) -> str:
 
 @dataclasses.dataclass
 class InstructionsConfig(tfds.core.BuilderConfig):
-    """`uses_extra_files`: whether the config reads `extra_files` besides the seeds."""
+    """`uses_extra_files`: whether the config reads `extra_files` besides the seeds;
+    `default_extra`: what it reads when none are given ("mix", "imported" or "" = they are required)."""
 
     uses_extra_files: bool = False
+    default_extra: str = ""
 
 
 class LlamaEInstructions(tfds.core.GeneratorBasedBuilder):
     """The LLaMA-E instruction records; see the module docstring."""
 
     name = DATASET_NAME
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release: seed and seed_expanded configs, 90/5/5 id-hash splits."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release: seed and seed_expanded configs, 90/5/5 id-hash splits.",
+        "1.1.0": "seed_mix and imported configs; files named by split keep it; open and declared label sets.",
+    }
     BUILDER_CONFIGS = [
         InstructionsConfig(name="seed", description="Hand-written seed records, one file per task."),
         InstructionsConfig(
             name="seed_expanded",
             description="Seed records plus teacher-expanded records (extra_files).",
             uses_extra_files=True,
+        ),
+        InstructionsConfig(
+            name="seed_mix",
+            description="Seed records plus the committed mix of imported public data (data_prep/mix).",
+            uses_extra_files=True,
+            default_extra="mix",
+        ),
+        InstructionsConfig(
+            name="imported",
+            description="Seed records plus all data imported by data_prep.importers ($LLAMA_E_CACHE/imported).",
+            uses_extra_files=True,
+            default_extra="imported",
         ),
     ]
     DEFAULT_CONFIG_NAME = "seed"
@@ -185,9 +246,10 @@ class LlamaEInstructions(tfds.core.GeneratorBasedBuilder):
             if self._extra_files:
                 raise ValueError("config 'seed' takes no extra_files; use config 'seed_expanded'")
             return seeds
-        if not self._extra_files:
-            raise ValueError("config 'seed_expanded' needs extra_files (e.g. data/expanded/*.jsonl)")
-        return seeds + expand_paths(self._extra_files)
+        extra = self._extra_files or default_extra_files(self.builder_config.default_extra)
+        if not extra:
+            raise ValueError(f"config {self.builder_config.name!r} needs extra_files (e.g. data/expanded/*.jsonl)")
+        return seeds + expand_paths(extra)
 
     def _split_generators(self, dl_manager):
         del dl_manager  # inputs are local files
@@ -195,10 +257,12 @@ class LlamaEInstructions(tfds.core.GeneratorBasedBuilder):
         records, reports = read_jsonl_files(files, skip_invalid=self._skip_invalid)
         if self.builder_config.name == "seed":
             _check_all_tasks_present(records)
-        splits = assign_splits(records)
+        splits = split_by_file(records, [(r.path, r.num_valid) for r in reports])
         self.info.metadata.update(
             inputs_sha256=fingerprint(files),
             input_files=[os.path.basename(f) for f in files],
+            label_sets={f: {t: None if ls is None else list(ls) for t, ls in declared_label_sets(f, LABEL_SETS).items()}
+                        for f in files},
             invalid_skipped={r.path: r.counts_by_reason() for r in reports if r.errors},
             task_counts={s: _task_counts(rs) for s, rs in splits.items()},
         )
@@ -207,6 +271,26 @@ class LlamaEInstructions(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, records: list[InstructionRecord]):
         for record in records:
             yield record.id, encode_record(record)
+
+
+def split_by_file(
+    records: Sequence[InstructionRecord], counts: Sequence[tuple[str, int]]
+) -> dict[str, list[InstructionRecord]]:
+    """Records of files named by split (`fixed_split_of`) go there; the rest by hashed id.
+
+    `records` are in file order as `read_jsonl_files` returns them; `counts` are (file, records
+    kept from it), in the same order (`ReadReport.path`, `.num_valid`).
+    """
+    fixed: dict[str, list[InstructionRecord]] = {s: [] for s in SPLITS}
+    hashed: list[InstructionRecord] = []
+    start = 0
+    for path, count in counts:
+        file_records = records[start : start + count]
+        start += count
+        split = fixed_split_of(path)
+        (fixed[split] if split else hashed).extend(file_records)
+    splits = assign_splits(hashed)
+    return {split: splits[split] + fixed[split] for split in SPLITS}
 
 
 def _task_counts(records: Iterable[InstructionRecord]) -> dict[str, int]:
@@ -354,10 +438,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    builder = build_dataset(
-        args.config, args.data_dir, extra_files=args.extra, seed_dir=args.seed_dir,
-        skip_invalid=args.skip_invalid, overwrite=args.overwrite,
-    )
+    try:
+        builder = build_dataset(
+            args.config, args.data_dir, extra_files=args.extra, seed_dir=args.seed_dir,
+            skip_invalid=args.skip_invalid, overwrite=args.overwrite,
+        )
+    except (OSError, ValueError) as error:  # missing inputs, invalid records (each file:line), labels files
+        sys.exit(f"error: {error}")
     print(f"{builder.data_dir}")
     for split, counts in builder.info.metadata["task_counts"].items():
         print(f"  {split:<10} {sum(counts.values()):>7}  " + "  ".join(f"{t}={n}" for t, n in counts.items()))

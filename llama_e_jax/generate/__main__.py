@@ -1,7 +1,7 @@
-"""`python -m llama_e_jax.generate`: text generation (see llama_e_jax/generate/engine.py)."""
+"""`python -m llama_e_jax.generate`: text generation (see llama_e_jax/generate/cli.py)."""
 
 import sys
 
-from llama_e_jax.generate.engine import main
+from llama_e_jax.generate.cli import main
 
 sys.exit(main())

@@ -158,6 +158,24 @@ def _nucleus(scaled: jax.Array, p: jax.Array) -> jax.Array:  # [B, V], [B, 1] ->
     return jnp.where(scaled >= cutoff, scaled, _NEG_INF)
 
 
+def from_settings(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> Sampler:
+    """The sampler for user settings (CLI flags, evaluation settings, server requests).
+
+    Temperature 0 is greedy whatever the other settings; otherwise top-k when `top_k` > 0 (it takes
+    precedence over `top_p`), nucleus sampling when `top_p` < 1, else plain temperature sampling.
+    Out-of-range values raise ValueError naming the setting.
+    """
+    if top_k < 0:
+        raise ValueError(f"top_k={top_k!r} must be >= 0 (0 = no top-k cut)")
+    if temperature == 0:
+        return Greedy()
+    if top_k:
+        return TopK(k=int(top_k), temperature=float(temperature))
+    if top_p < 1:
+        return TopP(p=float(top_p), temperature=float(temperature))
+    return Temperature(temperature=float(temperature))
+
+
 def from_openai(*, temperature: float | None, top_p: float | None) -> TopP:
     """The sampler for OpenAI-style request fields (defaults: temperature 1, top_p 1)."""
     return TopP(p=1.0 if top_p is None else float(top_p), temperature=1.0 if temperature is None else float(temperature))

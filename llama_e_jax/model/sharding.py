@@ -25,8 +25,9 @@ product divides the size — ("data", "fsdp") falls back to "data" and then to r
 stays correct (GSPMD inserts the collectives); only memory and speed change, and the golden table
 (configs/sharding_rules.golden.txt) shows exactly which dims fell back.
 
-Nothing is materialised unsharded: `init_sharded` runs `eval_shape` → shardings → `jit(init,
-out_shardings=...)`, so each device only ever allocates its own shards, and `load_sharded` builds
+Nothing is materialised unsharded: the loader (`io/load.py`) and the Trainer run `eval_shape` →
+`param_shardings` → `jit(init, out_shardings=...)`, so each device only ever allocates its own
+shards, and `load_sharded` builds
 arrays with `jax.make_array_from_callback`, asking a checkpoint reader for exactly the slice each
 local device holds. Multi-host batches are assembled with `jax.make_array_from_process_local_data`
 from the rows each host read itself (`process_batch_shard` tells the input pipeline which rows).
@@ -37,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import jax
@@ -64,8 +65,10 @@ PARAM_RULES: Rules = (
     (r"(o|down)_proj/lora_b$", P(None, None, "fsdp")),  # [L, r, D]
     (r"norm/scale$", P()),  # [L, D] / [D]: tiny, replicated
 )
+# The KV cache (llama.KVCache), heads-major: rows over the batch axes, kv heads over "tensor".
 CACHE_RULES: Rules = (
-    (r"(^|/)(keys|values)$", P(None, BATCH, None, "tensor", None)),  # [L, B, S, K, Dh]
+    (r"(^|/)(keys|values)/\d+$", P(BATCH, "tensor", None, None)),  # per layer (unrolled): [B, K, S, Dh]
+    (r"(^|/)(keys|values)$", P(None, BATCH, "tensor", None, None)),  # stacked (scanned): [L, B, K, S, Dh]
     (r"(^|/)lengths$", P(BATCH)),  # [B]
 )
 DEFAULT_RULES: Rules = PARAM_RULES + CACHE_RULES
@@ -257,17 +260,6 @@ def shard_batch(host_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, j
 # ----------------------------------------------------------------------------- sharded state
 
 
-def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, *args: Any, rules: Rules = DEFAULT_RULES) -> Any:
-    """Runs `init_fn(*args)` so that every leaf is born sharded by `rules`.
-
-    Returns:
-      The state tree; each leaf is a global jax.Array with the rule's NamedSharding.
-    """
-    abstract = jax.eval_shape(init_fn, *args)
-    shardings = param_shardings(abstract, mesh, rules)
-    return jax.jit(init_fn, out_shardings=shardings)(*args)
-
-
 class SliceReader(Protocol):
     """What `load_sharded` needs from a checkpoint: one slice of one tensor, in our layout."""
 
@@ -329,22 +321,3 @@ def constrain(x: jax.Array, kind: str, mesh: Mesh | None = None) -> jax.Array:
     spec = fit_spec(ACTIVATION_SPECS[kind], x.shape, dict(mesh.shape))
     target = NamedSharding(mesh, spec) if isinstance(mesh, Mesh) else spec
     return jax.lax.with_sharding_constraint(x, target)
-
-
-def load_checkpoint_sharded(directory: str, config: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
-    """Base params of an HF safetensors checkpoint, read slice by slice straight into their shards.
-
-    `config` is the LlamaConfig; leaves get its `param_dtype`. Peak host memory is one device shard.
-    """
-    from llama_e_jax.io import weights  # deferred: weights pulls in safetensors/ml_dtypes handling
-
-    dtype = np.dtype(config.param_dtype)
-    abstract: dict[str, Any] = {}
-    for path, shape in weights.param_shapes(config).items():
-        *parents, leaf = path.split("/")
-        node = abstract
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = jax.ShapeDtypeStruct(shape, dtype)
-    with weights.CheckpointReader(directory, config) as reader:
-        return load_sharded(reader, abstract, mesh, rules)

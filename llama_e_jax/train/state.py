@@ -1,6 +1,6 @@
 """The pure parts of LoRA training: train state, optimiser, loss, and the jit-compiled steps.
 
-`train.py` owns everything with side effects (files, signals, logging); this module is what a test
+`train/loop.py` owns everything with side effects (files, signals, logging); this module is what a test
 or a sharding experiment needs to run a step: `Trainer(model_config, lora_config, optimizer,
 schedule, mesh)` gives `init(rng) -> TrainState`, `step(state, base, batch) -> (state, metrics)` and
 `eval(adapter, base, batch) -> (loss_sum, tokens)`; `lower_step(...)` gives the same compiled step
@@ -36,7 +36,6 @@ Design choices, and why:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -113,17 +112,34 @@ def make_optimizer(optim: Any, total_steps: int) -> tuple[optax.GradientTransfor
     return direction, learning_rate_schedule(optim, total_steps)
 
 
-@functools.lru_cache(maxsize=None)
 def adamw_direction(b1: float, b2: float, eps: float, weight_decay: float,
                     max_grad_norm: float) -> optax.GradientTransformation:
-    """Clip → Adam → decoupled weight decay. Cached: equal settings give the same object, so Trainers
-    built from equal recipes share compiled steps (see `_compiled_steps`)."""
+    """Clip → Adam → decoupled weight decay."""
     clip = optax.clip_by_global_norm(max_grad_norm) if max_grad_norm else optax.identity()
     return optax.chain(clip, optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
                        optax.add_decayed_weights(weight_decay, mask=decay_mask))
 
 
 # ------------------------------------------------------------------------------------------ loss
+
+
+def masked_token_loss(model: Llama, variables: dict, batch: Batch, dropout_rng: jax.Array | None = None) -> jax.Array:
+    """[B, T] cross-entropy of each target token, 0 outside the pipeline's `loss_mask` (response tokens).
+
+    `variables` is {"params": base} or {"params": base, "lora": adapter}; `dropout_rng=None` evaluates
+    deterministically (no LoRA dropout). Training's loss and evaluation's reference perplexity
+    (evaluate.py) are both sums of this, so they are the same number.
+    """
+    logits = model.apply(
+        variables,
+        batch["input_ids"],
+        positions=batch["positions"],
+        segment_ids=batch["segment_ids"],
+        deterministic=dropout_rng is None,
+        rngs=None if dropout_rng is None else {"dropout": dropout_rng},
+    )  # [B, T, V] float32
+    token_loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # [B, T]
+    return token_loss * batch["loss_mask"].astype(jnp.float32)
 
 
 def summed_token_loss(
@@ -133,17 +149,8 @@ def summed_token_loss(
 
     `dropout_rng=None` evaluates deterministically (no LoRA dropout).
     """
-    logits = model.apply(
-        {"params": base, "lora": adapter},
-        batch["input_ids"],
-        positions=batch["positions"],
-        segment_ids=batch["segment_ids"],
-        deterministic=dropout_rng is None,
-        rngs=None if dropout_rng is None else {"dropout": dropout_rng},
-    )  # [B, T, V] float32
-    token_loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # [B, T]
-    mask = batch["loss_mask"].astype(jnp.float32)  # [B, T]
-    return jnp.sum(token_loss * mask), jnp.sum(mask)
+    token_loss = masked_token_loss(model, {"params": base, "lora": adapter}, batch, dropout_rng)  # [B, T]
+    return jnp.sum(token_loss), jnp.sum(batch["loss_mask"].astype(jnp.float32))
 
 
 # ------------------------------------------------------------------------------------------ steps
@@ -208,7 +215,7 @@ class Trainer:
         self.model_config, self.lora_config, self.mesh = model_config, lora_config, mesh
         self.model = Llama(model_config, lora_config, mesh=mesh)  # pins activation shardings on `mesh`
         self.optimizer, self.schedule = optimizer, schedule
-        compiled = _compiled_steps(model_config, lora_config, optimizer, mesh)
+        compiled = _build_steps(model_config, lora_config, optimizer, mesh)
         self.state_shardings, self._init, self._step, self._eval = compiled
 
     def init(self, rng: jax.Array) -> TrainState:
@@ -255,13 +262,12 @@ class Trainer:
         return self._eval(adapter, base, batch)
 
 
-@functools.lru_cache(maxsize=8)
-def _compiled_steps(model_config: LlamaConfig, lora_config: LoraConfig, optimizer: optax.GradientTransformation,
-                    mesh: Mesh) -> tuple[Any, Callable, Callable, Callable]:
+def _build_steps(model_config: LlamaConfig, lora_config: LoraConfig, optimizer: optax.GradientTransformation,
+                 mesh: Mesh) -> tuple[Any, Callable, Callable, Callable]:
     """(state shardings, jitted init, jitted train step, jitted eval step) for one model/LoRA/optimizer/mesh.
 
-    Cached so that Trainers of the same recipe (a resumed run in the same process, tests, the
-    benchmark) reuse the traced and compiled functions instead of tracing them again.
+    Built once per Trainer, which owns them: nothing is cached across Trainers in the process (a second
+    Trainer traces again; JAX's persistent compilation cache, enabled by the CLIs, spares the compile).
     """
     model = Llama(model_config, lora_config, mesh=mesh)
 
@@ -279,9 +285,4 @@ def _compiled_steps(model_config: LlamaConfig, lora_config: LoraConfig, optimize
     )
     evaluate = jax.jit(lambda adapter, base, batch: eval_step(model, adapter, base, batch))
     return state_shardings, jax.jit(init, out_shardings=state_shardings), step, evaluate
-
-
-def perplexity(mean_loss: float) -> float:
-    """exp(loss), capped so a diverged model reports inf rather than overflowing."""
-    return float(np.exp(min(mean_loss, 700.0)))
 
