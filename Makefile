@@ -34,7 +34,7 @@ train: setup
 # chromedriver; install them when missing (as root, as CI runs), otherwise the test skips saying so.
 browser:
 	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
-	elif [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y chromium chromium-driver; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
 	else echo "chromium / chromium-driver missing and not root: the browser test will skip" \
 	     "(sudo apt-get install -y chromium chromium-driver)"; fi
 

@@ -401,3 +401,21 @@ def test_load_model_errors_name_the_path(tmp_path, tiny_config, tiny_params):
                                              r"num_layers: saved 3, now 2"):
         load_model(str(tmp_path / "hf"), adapter=str(tmp_path / "other"), tokenizer="bytes")
     assert issubclass(ModelLoadError, ValueError)
+
+
+def test_truncated_files_are_one_error_naming_the_file(tmp_path, smollm2_gguf):
+    """Bad bytes in a GGUF (header cut), an adapter file cut short: one ModelLoadError each, for
+    weights, config-only loading and the GGUF tokenizer alike, never the parser's own traceback."""
+    truncated = tmp_path / "cut.gguf"
+    truncated.write_bytes(Path(smollm2_gguf).read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match=r"cut\.gguf: not a readable GGUF file"):
+        load_model(str(truncated))
+    with pytest.raises(ModelLoadError, match=r"cut\.gguf: .*not a readable GGUF file"):
+        load_config(str(truncated))
+    config, lora_config = load_config("tiny"), lora.LoraConfig(rank=2)  # an adapter for the tiny preset
+    directory = adapters.save_adapter(tmp_path / "adapter", lora.init_adapter(config, lora_config, jax.random.key(0)),
+                                      lora_config, config)
+    weights_file = directory / adapters.NATIVE_WEIGHTS
+    weights_file.write_bytes(weights_file.read_bytes()[:100])
+    with pytest.raises(ModelLoadError, match=r"adapter\.safetensors: not a readable safetensors file"):
+        load_model("tiny", adapter=str(directory))

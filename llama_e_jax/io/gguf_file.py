@@ -89,13 +89,25 @@ def _undo_rotary_permutation(weight: np.ndarray, num_heads: int) -> np.ndarray: 
     )
 
 
+def open_gguf(path: str | Path) -> gguf.GGUFReader:
+    """A reader of the file's header; a truncated or foreign file is one CheckpointError naming it.
+
+    gguf's parser reports bad bytes as whatever numpy or struct raise (IndexError, ValueError, ...),
+    so every exception of the header parse is turned into the one clear error here.
+    """
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as error:  # noqa: BLE001  (see docstring)
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(error).__name__}: {error})") from None
+
+
 def load_gguf(path: str | Path, dtype: str = "float32") -> tuple[LlamaConfig, dict]:
     """Loads a llama.cpp GGUF LLaMA (any quantization `gguf` can dequantize) into our parameter tree.
 
     Quantized tensors are dequantized to float32 and cast to `dtype`. Returns (config, params).
     """
     path = Path(path)
-    reader = gguf.GGUFReader(str(path))
+    reader = open_gguf(path)
     config = gguf_config(reader, path).replace(param_dtype=np.dtype(dtype).name)
     specs = param_specs(config)
     tensors = {tensor.name: tensor for tensor in reader.tensors}

@@ -28,7 +28,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import gguf
 import jax
 import numpy as np
 from jax.sharding import Mesh
@@ -122,7 +121,7 @@ def load_config(model: str | None = None, *, dtype: str = "float32", param_dtype
             return LlamaConfig.from_preset(DEFAULT_MODEL_PRESET, **dtypes)
         path = Path(model)
         if path.suffix == ".gguf" and path.is_file():
-            return gguf_file.gguf_config(gguf.GGUFReader(str(path)), path).replace(**dtypes)
+            return gguf_file.gguf_config(gguf_file.open_gguf(path), path).replace(**dtypes)
         if path.is_dir() and (path / "config.json").is_file():
             return LlamaConfig.from_hf_dir(path, **dtypes)
         if (PRESETS_DIR / f"{model}.json").is_file():

@@ -35,6 +35,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors
 
+from llama_e_jax.io.gguf_file import open_gguf
+
 # llama.cpp's token types (gguf.TokenType): only these two change how text is split.
 _GGUF_CONTROL = 3
 _GGUF_USER_DEFINED = 4
@@ -264,9 +266,7 @@ def _post_processor_adds_bos(backend: tokenizers.Tokenizer, bos_token: str | Non
 
 
 def _load_gguf(path: Path) -> Tokenizer:
-    import gguf
-
-    metadata = _gguf_tokenizer_metadata(gguf.GGUFReader(str(path)), path)
+    metadata = _gguf_tokenizer_metadata(open_gguf(path), path)
     model = metadata.get("tokenizer.ggml.model")
     if model != "gpt2":
         raise TokenizerError(
