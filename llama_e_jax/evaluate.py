@@ -27,8 +27,9 @@ What a run does, and why:
 Outputs (`--out-dir`, default `runs/eval/<UTC time>/`): `report.json` (every number, the settings,
 model, adapters, data source and versions), `report.md` (one table per view), `chart.png` (per-task
 scores, one panel per task and view), `outputs.jsonl` (one line per record, view and system:
-prompt, reference, reply, matched label, per-record scores), and `report.html` (eval_report.py and report_html.py write them; report.html is the
-same as one self-contained page, with the 20 worst and best examples per task).
+prompt, reference, reply, matched label, per-record scores), and `report.html` (the same as one
+self-contained page, with the 20 worst and best examples per task). eval_report.py and report_html.py
+write them.
 """
 
 from __future__ import annotations
