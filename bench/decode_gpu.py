@@ -26,6 +26,13 @@ What is measured, and why this way:
   ml_collections).
 * `--tiny`: the tiny preset in fp32 on CPU, 16 + 16 tokens, batch 1 and 4; transformers loads the
   very same weights (an HF checkpoint written by ours), and the generated tokens must be equal.
+* `--speculative-k K` (gpu_suite.sh passes 4): ours also decodes the same prompts with prompt-lookup
+  speculation (generate/speculative.py, k drafts from 3..1-gram matches, every batch size), checks the
+  tokens equal plain greedy's, and reports tokens/s and the acceptance length (tokens per verify
+  pass, host replay); transformers also runs `generate(prompt_lookup_num_tokens=K)` at batch 1 (its
+  speculation is batch-1 only). Random weights and random prompts: drafts come mostly from the text
+  the model itself repeats, so the acceptance length says little about real text; the verify pass's
+  cost (ms per step of k+1 positions vs 1) is the transferable figure.
 """
 
 from __future__ import annotations
@@ -108,7 +115,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     import jax
     import numpy as np
 
-    from llama_e_jax.generate import sampling
+    from llama_e_jax.generate import sampling, speculative
     from llama_e_jax.generate.generator import Generator
     from llama_e_jax.generate.session import Request, length_bucket
 
@@ -128,6 +135,13 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     generator = Generator(config, weights, IdTokenizer(), max_batch_size=max(batches), chunk_size=args.new_tokens,
                           eos_ids=(), layer_loop=args.layer_loop)
     del weights
+    speculating = None
+    if args.speculative_k:
+        speculation = speculative.Speculation(num_draft=args.speculative_k, ngram_max=3, ngram_min=1,
+                                              max_rows=max(batches))
+        speculating = Generator(config, generator.weights, IdTokenizer(), max_batch_size=max(batches),
+                                chunk_size=args.new_tokens, eos_ids=(), layer_loop=args.layer_loop,
+                                speculation=speculation)
     max_length = length_bucket(args.prompt_len + args.new_tokens, generator.max_length, minimum=64)  # as generate_ids
     prompts = {b: random_prompts(b, args.prompt_len, config.vocab_size) for b in batches}
 
@@ -141,6 +155,8 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(len(batches)) as pool:  # compile both sizes at once
         list(pool.map(lambda b: (generate(b), prefill_only(b)), batches))
+        if speculating is not None:
+            list(pool.map(lambda b: speculating.generate_ids(prompts[b], max_new_tokens=args.new_tokens), batches))
     compile_s = time.perf_counter() - started
 
     result: dict[str, Any] = {"init_s": init_s, "compile_and_first_run_s": compile_s,
@@ -164,7 +180,32 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
             "seconds": totals,
             "tokens": [list(c.token_ids) for c in completions] if args.tiny else None,
         }
+        if speculating is not None:
+            result[f"speculative_batch_{batch}"] = _speculative_timing(speculating, prompts[batch], completions, args)
     return result
+
+
+def _speculative_timing(generator, prompts: list[list[int]], plain: list, args: argparse.Namespace) -> dict[str, Any]:
+    """Timed speculative generate calls (median), tokens checked against plain greedy, acceptance length."""
+    import numpy as np
+
+    from llama_e_jax.generate import speculative
+
+    totals = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        completions = generator.generate_ids(prompts, max_new_tokens=args.new_tokens)
+        totals.append(time.perf_counter() - t0)
+    total = float(np.median(totals))
+    steps = [speculative.acceptance_lengths(p, list(c.token_ids), generator.speculation)
+             for p, c in zip(prompts, completions)]
+    emitted = [n for row in steps for n in row]
+    return {"k": generator.speculation.num_draft, "ms_per_token": 1000 * total / args.new_tokens,
+            "tokens_per_s": len(prompts) * args.new_tokens / total,
+            "seconds": totals,
+            "equal_to_plain_greedy": [c.token_ids for c in completions] == [c.token_ids for c in plain],
+            "acceptance_length": sum(emitted) / len(emitted),
+            "ms_per_verify_step": 1000 * total / max(len(row) for row in steps)}
 
 
 def tiny_params(config) -> dict:
@@ -233,6 +274,17 @@ def run_hf(args: argparse.Namespace) -> dict[str, Any]:
         result[f"batch_{batch}"] = {"ms_per_token": 1000 * total / args.new_tokens,
                                     "tokens_per_s": batch * args.new_tokens / total, "seconds": [total],
                                     "tokens": np.asarray(new).tolist() if args.tiny else None}
+        if args.speculative_k and batch == 1:  # transformers' prompt lookup is batch-1 only
+            with torch.no_grad():
+                sync()
+                t0 = time.perf_counter()
+                looked = model.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=False,
+                                        prompt_lookup_num_tokens=args.speculative_k)
+                sync()
+                total = time.perf_counter() - t0
+            result["prompt_lookup_batch_1"] = {
+                "ms_per_token": 1000 * total / args.new_tokens, "tokens_per_s": args.new_tokens / total,
+                "equal_to_plain_greedy": looked[:, args.prompt_len:].cpu().tolist() == np.asarray(new).tolist()}
     return result
 
 
@@ -245,7 +297,8 @@ def _run_worker(kind: str, args: argparse.Namespace, timeout_s: float) -> dict[s
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--result", str(result_path),
                    "--preset", args.preset, "--dtype", args.dtype, "--batch-sizes", args.batch_sizes,
                    "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
-                   "--repeats", str(args.repeats), "--layer-loop", args.layer_loop, "--checkpoint", args.checkpoint]
+                   "--repeats", str(args.repeats), "--layer-loop", args.layer_loop, "--checkpoint", args.checkpoint,
+                   "--speculative-k", str(args.speculative_k)]
         if args.tiny:
             command.append("--tiny")
         print(f"[decode_gpu] {kind}: starting (limit {timeout_s:.0f} s)", flush=True)
@@ -274,6 +327,16 @@ def summary_rows(ours: dict[str, Any], hf: dict[str, Any], batches: list[int]) -
         rows.append({"batch": batch, "metric": metric[1], "ours": a, "transformers": b, "speedup": ratio,
                      "ours_prefill_ms": mine.get("prefill_and_first_token_ms"),
                      "ours_decode_ms_per_step": mine.get("decode_ms_per_step")})
+        fast = ours.get(f"speculative_batch_{batch}")
+        if fast:  # ours speculative vs HF prompt lookup at batch 1, vs HF plain otherwise
+            lookup = hf.get("prompt_lookup_batch_1", {}) if batch == 1 else {}
+            theirs_fast = lookup.get(metric[0], b)
+            a = fast.get(metric[0])
+            ratio = (theirs_fast / a if metric[0] == "ms_per_token" else a / theirs_fast) if a and theirs_fast else None
+            rows.append({"batch": batch, "metric": f"{metric[1]}, speculative k={fast.get('k', '')}"
+                         f" (HF: {'prompt lookup' if lookup else 'plain'})",
+                         "ours": a, "transformers": theirs_fast, "speedup": ratio, "ours_prefill_ms": None,
+                         "ours_decode_ms_per_step": fast.get("ms_per_verify_step")})
     return rows
 
 
@@ -301,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed generate calls per batch size (median)")
     parser.add_argument("--layer-loop", default="unroll", choices=("unroll", "scan"))
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--speculative-k", type=int, default=0,
+                        help="also decode with prompt-lookup speculation, k drafts (and HF prompt lookup, batch 1)")
     parser.add_argument("--budget-s", type=float, default=160, help="total time; transformers gets what is left")
     parser.add_argument("--worker", choices=("ours", "hf"), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -345,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
         report["tokens_equal"] = all(ours[f"batch_{b}"]["tokens"] == hf[f"batch_{b}"]["tokens"] for b in batches)
         print(f"[decode_gpu] --tiny: generated tokens equal to transformers': {report['tokens_equal']}")
         status = 0 if report["tokens_equal"] else 1
+    speculative_equal = [ours[key]["equal_to_plain_greedy"] for key in ours if key.startswith("speculative_batch_")]
+    if not all(speculative_equal):
+        print("[decode_gpu] speculative tokens differ from plain greedy")
+        status = 1
     print(format_table(rows))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

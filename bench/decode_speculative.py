@@ -1,32 +1,38 @@
 """Speculative (prompt-lookup) decoding on this CPU, on real prompts, next to transformers in one run.
 
     python bench/decode_speculative.py                      # markdown table
-    python bench/decode_speculative.py --limit-per-task 2 --new-tokens 32
+    python bench/decode_speculative.py --limit-per-task 2 --new-tokens 32 --ks 1,2,4
 
-Workload: SmolLM2-135M-Instruct fp32 (the embedded default model), the seed test split's records of
-all five tasks (data_prep/seeds through llama_e_jax.data's split assignment), Alpaca prompts, greedy,
-up to `new_tokens` per row, stopping at EOS on every side. Four decoders:
+Workload: SmolLM2-135M-Instruct fp32 (the embedded default model), the real test-split records of
+all five tasks (`test_records`: the seed test split and, when imported, the imported test files;
+each task's first `limit_per_task`), Alpaca prompts, greedy, up to `new_tokens` per row, stopping at
+EOS on every side. Decoders, all in this one process:
 
 * ours, plain: `Generator(speculation=speculative.OFF)`;
-* ours, speculative: `Generator(speculation=speculative.PROMPT_LOOKUP)` (prompt-lookup drafts);
+* ours, speculative, one per k in `--ks`: prompt-lookup drafts (3..1-gram matches), speculation on
+  at every batch size measured (max_rows 16), so the batch-16 figure shows what it does there;
 * transformers `generate` (greedy);
 * transformers `generate(prompt_lookup_num_tokens=K)` (its own prompt-lookup speculation; transformers
   supports it at batch 1 only, so it has no batch-16 figure).
 
-Batch 1: each prompt alone, tokens/s = generated tokens / total wall time. Batch 16: all test prompts
-in one `generate` call (ours: continuous batching over 16 rows; transformers: left-padded groups of
-16, its tokens counted up to each row's EOS). Compilation is excluded (ours runs every call twice and
-times the second). Outputs: the speculative tokens must equal plain greedy's (asserted), and the
-rows where transformers' text differs (floating-point ties) are counted. Acceptance length per task
-= tokens emitted per verify step, replayed on the host from the greedy output
+Batch 1: each prompt alone; batch 16: all prompts in one `generate` call (ours: continuous batching
+over 16 rows; transformers: left-padded groups of 16, its tokens counted up to each row's EOS).
+Tokens/s = generated tokens / wall time, and also / CPU time of this process (`time.process_time`,
+all threads): on a shared machine other processes inflate wall time far more than CPU time, so
+the CPU-time ratios are the steadier ones. Compilation is excluded (ours runs every call once
+before timing), and the decoders alternate over `repeats` rounds (best round kept), so they see
+the same machine load. Outputs: every speculative run must equal plain greedy's tokens (asserted);
+rows where transformers' tokens differ (floating-point near-ties) are counted. Acceptance length
+per task = tokens emitted per verify step, replayed on the host from the greedy output
 (`speculative.acceptance_lengths`, exact for greedy decoding). The 1-minute load average is
-recorded: on a shared machine, only ratios from the same run mean something.
+recorded before and after.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import itertools
 import os
 import sys
 import time
@@ -39,57 +45,86 @@ from bench.decode_cpu import REPO_ROOT  # noqa: E402 (its import sets XLA_FLAGS 
 HF_PROMPT_LOOKUP = 10  # transformers' documented example value for prompt_lookup_num_tokens
 
 
-def test_records(limit_per_task: int | None) -> list[Any]:
+def test_records(limit_per_task: int | None, imported: bool = True) -> list[Any]:
+    """The real test-split records of all five tasks, task by task (each task's first `limit_per_task`).
+
+    Sources: the seed test split (data_prep/seeds, split by id hash as llama_e_jax.data assigns it)
+    and, when `python -m data_prep.importers` has run, the imported test files
+    ($LLAMA_E_CACHE/imported/*/test.jsonl: product Q&A, intents, ads). Within a task the sources are
+    interleaved (seed, then each imported file in turn), so a limit keeps every source represented.
+    """
     from llama_e_jax.data.schema import TASKS, read_jsonl
-    from llama_e_jax.data.tfds_builder import assign_splits
+    from llama_e_jax.data.tfds_builder import assign_splits, default_imported_dir
 
     files = sorted(glob.glob(str(Path(REPO_ROOT) / "data_prep" / "seeds" / "*.jsonl")))
-    test = assign_splits([r for f in files for r in read_jsonl(f)])["test"]
-    by_task = [[r for r in test if r.task == task][:limit_per_task] for task in TASKS]
+    sources = [assign_splits([r for f in files for r in read_jsonl(f)])["test"]]
+    if imported:
+        sources += [read_jsonl(f) for f in sorted(glob.glob(os.path.join(default_imported_dir(), "*", "test.jsonl")))]
+    by_task = []
+    for task in TASKS:
+        queues = [[r for r in source if r.task == task] for source in sources]
+        interleaved = [r for group in itertools.zip_longest(*queues) for r in group if r is not None]
+        by_task.append(interleaved[:limit_per_task])
     return [r for records in by_task for r in records]
 
 
-def _timed(call) -> tuple[float, Any]:
-    started = time.perf_counter()
-    out = call()
-    return time.perf_counter() - started, out
+def mixed_records(total: int) -> list[Any]:
+    """`total` test records taken round-robin over the five tasks (for the end-to-end run)."""
+    by_task: dict[str, list[Any]] = {}
+    for record in test_records(None):
+        by_task.setdefault(record.task, []).append(record)
+    mixed = [r for group in itertools.zip_longest(*by_task.values()) for r in group if r is not None]
+    if len(mixed) < total:
+        raise SystemExit(f"only {len(mixed)} test records (run `python -m data_prep.importers` for more)")
+    return mixed[:total]
 
 
-def ours(generator: Any, prompts: list[str], new_tokens: int, batch: int) -> tuple[float, list[tuple[int, ...]]]:
-    """Seconds (second of two identical runs) and token ids per prompt."""
-    def run():
-        if batch == 1:
-            return [generator.generate([p], max_new_tokens=new_tokens)[0] for p in prompts]
-        return generator.generate(prompts, max_new_tokens=new_tokens)
+class Timer:
+    """Best (wall, CPU) seconds over repeated calls of one decoder."""
 
-    run()
-    seconds, completions = _timed(run)
-    return seconds, [tuple(c.token_ids) for c in completions]
+    def __init__(self) -> None:
+        self.wall, self.cpu = float("inf"), float("inf")
+
+    def __call__(self, call):
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = call()
+        self.wall = min(self.wall, time.perf_counter() - wall)
+        self.cpu = min(self.cpu, time.process_time() - cpu)
+        return out
+
+
+def ours(generator: Any, prompts: list[str], new_tokens: int, batch: int) -> list[tuple[int, ...]]:
+    """Token ids per prompt: each prompt alone (batch 1) or all in one call (continuous batching)."""
+    if batch == 1:
+        completions = [generator.generate([p], max_new_tokens=new_tokens)[0] for p in prompts]
+    else:
+        completions = generator.generate(prompts, max_new_tokens=new_tokens)
+    return [tuple(c.token_ids) for c in completions]
 
 
 def transformers_generate(model: Any, tokenizer: Any, prompts: list[str], new_tokens: int, batch: int,
-                          **options: Any) -> tuple[float, list[tuple[int, ...]]]:
+                          **options: Any) -> list[tuple[int, ...]]:
     import torch
 
     eos = tokenizer.eos_id
     outputs: list[tuple[int, ...]] = []
-    seconds = 0.0
     for start in range(0, len(prompts), batch):
         ids = [tokenizer.encode(t) for t in prompts[start:start + batch]]
         width = max(map(len, ids))
         inputs = torch.tensor([[eos] * (width - len(i)) + i for i in ids])
         mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
         with torch.no_grad():
-            elapsed, out = _timed(lambda: model.generate(inputs, attention_mask=mask, max_new_tokens=new_tokens,
-                                                         do_sample=False, pad_token_id=eos, eos_token_id=eos,
-                                                         **options))
-        seconds += elapsed
+            out = model.generate(inputs, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                                 pad_token_id=eos, eos_token_id=eos, **options)
         for row in out[:, width:].tolist():
             outputs.append(tuple(row[:row.index(eos) + 1] if eos in row else row))
-    return seconds, outputs
+    return outputs
 
 
-def run(limit_per_task: int | None = None, new_tokens: int = 64, batch_sizes: tuple[int, ...] = (1, 16)) -> dict:
+def run(limit_per_task: int | None = None, new_tokens: int = 64, batch_sizes: tuple[int, ...] = (1, 16),
+        ks: tuple[int, ...] = (1, 4), repeats: int = 2) -> dict:
+    import dataclasses
+
     import torch
     import transformers
 
@@ -104,41 +139,41 @@ def run(limit_per_task: int | None = None, new_tokens: int = 64, batch_sizes: tu
     hf_dir = ensure_default_hf_dir()
     loaded = load_model(None, dtype="float32")  # the embedded default SmolLM2-135M-Instruct
     config, params, tokenizer = loaded.config, loaded.params, loaded.tokenizer
-    plain = Generator(config, params, tokenizer, max_batch_size=16, chunk_size=new_tokens,
-                      speculation=speculative.OFF)
-    fast = Generator(config, params, tokenizer, max_batch_size=16, chunk_size=new_tokens,
-                     speculation=speculative.PROMPT_LOOKUP)
+    settings = {"plain": speculative.OFF}
+    settings.update({f"k={k}": dataclasses.replace(speculative.PROMPT_LOOKUP, num_draft=k, max_rows=16) for k in ks})
+    generators = {name: Generator(config, params, tokenizer, max_batch_size=16, chunk_size=new_tokens,
+                                  speculation=spec) for name, spec in settings.items()}
     hf_model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     torch.set_num_threads(1)  # faster than 2 on a shared 2-core machine (bench/decode_cpu.py's probe)
-    hf_model.generate(torch.tensor([tokenizer.encode(prompts[0])]), max_new_tokens=2, do_sample=False)  # warm-up
 
     result: dict[str, Any] = {"model": "SmolLM2-135M-Instruct fp32", "new_tokens": new_tokens,
-                              "prompts": len(prompts), "speculation": repr(speculative.PROMPT_LOOKUP),
+                              "prompts": len(prompts), "tasks": sorted({r.task for r in records}),
+                              "speculation": {name: repr(spec) for name, spec in settings.items()},
                               "hf_prompt_lookup_num_tokens": HF_PROMPT_LOOKUP, "torch_threads": 1,
-                              "load_average_before": os.getloadavg(), "rows": []}
+                              "repeats": repeats, "load_average_before": os.getloadavg()}
     for batch in batch_sizes:
-        entry: dict[str, Any] = {}
-        plain_s, plain_ids = ours(plain, prompts, new_tokens, batch)
-        fast_s, fast_ids = ours(fast, prompts, new_tokens, batch)
-        assert fast_ids == plain_ids, "speculative output differs from plain greedy"
-        hf_s, hf_ids = transformers_generate(hf_model, tokenizer, prompts, new_tokens, batch)
-        tokens = sum(map(len, plain_ids))
-        entry.update(tokens=tokens, ours_plain_s=plain_s, ours_speculative_s=fast_s, hf_s=hf_s,
-                     hf_rows_differing=sum(a != b for a, b in zip(hf_ids, plain_ids)))
+        decoders = {f"ours {name}": (lambda g=g: ours(g, prompts, new_tokens, batch)) for name, g in generators.items()}
+        decoders["HF generate"] = lambda: transformers_generate(hf_model, tokenizer, prompts, new_tokens, batch)
         if batch == 1:
-            lookup_s, lookup_ids = transformers_generate(hf_model, tokenizer, prompts, new_tokens, 1,
-                                                         prompt_lookup_num_tokens=HF_PROMPT_LOOKUP)
-            entry.update(hf_prompt_lookup_s=lookup_s,
-                         hf_prompt_lookup_rows_differing=sum(a != b for a, b in zip(lookup_ids, plain_ids)))
-        result[f"batch_{batch}"] = entry
-        for name, seconds in (("ours speculative", fast_s), ("ours plain", plain_s)):
-            result["rows"].append({"metric": f"decode tokens/s, batch {batch}, {name} vs HF generate",
-                                   "ours": tokens / seconds, "alternative": tokens / hf_s, "ratio": hf_s / seconds})
-        if batch == 1:
-            result["rows"].append({"metric": "decode tokens/s, batch 1, ours speculative vs HF prompt lookup",
-                                   "ours": tokens / fast_s, "alternative": tokens / entry["hf_prompt_lookup_s"],
-                                   "ratio": entry["hf_prompt_lookup_s"] / fast_s})
-    result["acceptance_length"] = acceptance_by_task(fast, records, prompts, plain_ids, speculative.PROMPT_LOOKUP)
+            decoders["HF prompt lookup"] = lambda: transformers_generate(
+                hf_model, tokenizer, prompts, new_tokens, 1, prompt_lookup_num_tokens=HF_PROMPT_LOOKUP)
+        outputs = {name: call() for name, call in decoders.items()}  # compiles ours, warms transformers
+        timers = {name: Timer() for name in decoders}
+        for _ in range(repeats):
+            for name, call in decoders.items():
+                outputs[name] = timers[name](call)
+        plain = outputs["ours plain"]
+        for name in settings:
+            assert outputs[f"ours {name}"] == plain, f"speculative {name} output differs from plain greedy"
+        tokens = sum(map(len, plain))
+        result[f"batch_{batch}"] = {
+            "tokens": tokens,
+            "decoders": {name: {"wall_s": t.wall, "cpu_s": t.cpu, "tokens_per_s": tokens / t.wall,
+                                "tokens_per_cpu_s": tokens / t.cpu,
+                                "rows_differing_from_ours": sum(a != b for a, b in zip(outputs[name], plain))}
+                         for name, t in timers.items()}}
+    result["acceptance_length"] = {name: acceptance_by_task(generators[name], records, prompts, plain, spec)
+                                   for name, spec in settings.items() if spec.enabled}
     result["load_average_after"] = os.getloadavg()
     return result
 
@@ -156,38 +191,45 @@ def acceptance_by_task(generator: Any, records: list[Any], prompts: list[str], o
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = [f"Greedy, {result['model']}, {result['prompts']} seed test-split prompts (all five tasks), up to "
-             f"{result['new_tokens']} new tokens (EOS stops), {result['speculation']}, transformers "
-             f"prompt_lookup_num_tokens={result['hf_prompt_lookup_num_tokens']}, torch threads "
-             f"{result['torch_threads']}; load average {result['load_average_before'][0]:.1f} before, "
+    lines = [f"Greedy, {result['model']}, {result['prompts']} test-split prompts ({', '.join(result['tasks'])}), up to "
+             f"{result['new_tokens']} new tokens (EOS stops); transformers prompt_lookup_num_tokens="
+             f"{result['hf_prompt_lookup_num_tokens']}, torch threads {result['torch_threads']}; best of "
+             f"{result['repeats']} alternating rounds; load average {result['load_average_before'][0]:.1f} before, "
              f"{result['load_average_after'][0]:.1f} after.", "",
-             "| batch | ours speculative tok/s | ours plain tok/s | HF generate tok/s | HF prompt lookup tok/s "
-             "| spec. vs HF | spec. vs HF lookup | HF rows differing |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| batch | decoder | tok/s (wall) | tok/s (CPU time) | vs HF generate (wall / CPU) "
+             "| vs HF prompt lookup (wall / CPU) | rows differing from ours |", "|---:|---|---:|---:|---:|---:|---:|"]
     for key, entry in result.items():
         if not key.startswith("batch_"):
             continue
-        tokens = entry["tokens"]
-        lookup = entry.get("hf_prompt_lookup_s")
-        lookup_tps = f"{tokens / lookup:.1f}" if lookup else "n/a (batch 1 only)"
-        lookup_ratio = f"{lookup / entry['ours_speculative_s']:.2f}x" if lookup else "-"
-        differing = f"{entry['hf_rows_differing']}" + (
-            f" / lookup {entry['hf_prompt_lookup_rows_differing']}" if lookup else "")
-        lines.append(
-            f"| {key[6:]} | {tokens / entry['ours_speculative_s']:.1f} | {tokens / entry['ours_plain_s']:.1f} "
-            f"| {tokens / entry['hf_s']:.1f} | {lookup_tps} | {entry['hf_s'] / entry['ours_speculative_s']:.2f}x "
-            f"| {lookup_ratio} | {differing} |")
-    lines += ["", "Acceptance length (tokens per verify step): " + ", ".join(
-        f"{task} {value:.2f}" for task, value in result["acceptance_length"].items())]
+        decoders = entry["decoders"]
+        hf, lookup = decoders["HF generate"], decoders.get("HF prompt lookup")
+        for name, d in decoders.items():
+            vs_lookup = (f"{lookup['wall_s'] / d['wall_s']:.2f}x / {lookup['cpu_s'] / d['cpu_s']:.2f}x"
+                         if lookup else "n/a (batch 1 only)")
+            lines.append(f"| {key[6:]} | {name} | {d['tokens_per_s']:.1f} | {d['tokens_per_cpu_s']:.1f} | "
+                         f"{hf['wall_s'] / d['wall_s']:.2f}x / {hf['cpu_s'] / d['cpu_s']:.2f}x | {vs_lookup} | "
+                         f"{d['rows_differing_from_ours']} |")
+    for name, by_task in result["acceptance_length"].items():
+        lines += ["", f"Acceptance length, {name} (tokens per verify step): " + ", ".join(
+            f"{task} {value:.2f}" for task, value in by_task.items())]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--limit-per-task", type=int, default=None, help="first N test records of each task")
+    parser.add_argument("--limit-per-task", type=int, default=6, help="first N test records of each task")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-sizes", default="1,16")
+    parser.add_argument("--ks", default="1,4", help="draft counts to measure, comma-separated")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--json", help="also write the raw result here")
     args = parser.parse_args(argv)
-    result = run(args.limit_per_task, args.new_tokens, tuple(int(b) for b in args.batch_sizes.split(",")))
+    result = run(args.limit_per_task, args.new_tokens, tuple(int(b) for b in args.batch_sizes.split(",")),
+                 tuple(int(k) for k in args.ks.split(",")), args.repeats)
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps(result, indent=1))
     print(markdown(result))
     return 0
 

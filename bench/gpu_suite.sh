@@ -4,7 +4,9 @@
 #
 #   1. bench/train_gpu.py  - LoRA step, LLaMA-7B shape, batch 8 x 512: HF transformers + peft, then ours
 #                            with each remat policy (separate processes), < 4 minutes
-#   2. bench/decode_gpu.py - 7B-shaped decode at batch 1 and 16 next to HF generate
+#   2. bench/decode_gpu.py - 7B-shaped bf16 decode at batch 1 and 16 next to HF generate, plain and with
+#                            prompt-lookup speculation (k=4; HF generate(prompt_lookup_num_tokens=4) at
+#                            batch 1, in the same call), < 3 minutes
 #
 # Usage (from the repository root):   OUT=/some/dir bash bench/gpu_suite.sh
 # Dry run on a CPU (tiny shapes, checks the plumbing):   TRAIN_ARGS=--tiny DECODE_ARGS=--tiny bash bench/gpu_suite.sh
@@ -41,7 +43,8 @@ timeout 290 "$PY" bench/train_gpu.py --out "$OUT/train_gpu.json" ${TRAIN_ARGS:-}
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 # 2. decoding
-timeout 170 "$PY" bench/decode_gpu.py --out "$OUT/decode_gpu.json" ${DECODE_ARGS:-} 2>&1 | tee "$OUT/decode_gpu.log"
+timeout 185 "$PY" bench/decode_gpu.py --out "$OUT/decode_gpu.json" --speculative-k 4 --budget-s 175 ${DECODE_ARGS:-} \
+  2>&1 | tee "$OUT/decode_gpu.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "gpu_suite: results in $OUT (exit $status)"

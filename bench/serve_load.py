@@ -2,14 +2,16 @@
 
     python -m bench.serve_load --clients 64 --duration 180 --disconnect 0.2 --start-server   # the soak
     python -m bench.serve_load --base-url http://127.0.0.1:8000/v1 --api-key K --clients 8 --duration 30
+    python -m bench.serve_load --start-server --adapters ads,qa --server-args --adapter ads=DIR1 --adapter qa=DIR2
 
-Each client loops until the deadline over a mix of requests: chat, streamed or not, some with n=2,
-and a share (`--disconnect`) that hang up mid-request (a stream closed after a few chunks, or a
-non-streaming request given up after a short timeout). It reports, over the clients that stay:
-latency p50/p95, time to first token (streams), completion tokens per second, and errors (any
-exception or non-2xx). With `--start-server` the script starts `python -m llama_e_jax.serve` itself,
-so it can also report the server's RSS (after a warm-up phase that compiles every shape, at the
-end, and the ratio) and how long the engine took to be idle after the last request (`/health`).
+Each client loops until the deadline over a mix of requests: chat, streamed or not, some with n=2, and a share
+(`--disconnect`) that hang up mid-request (a stream closed after a few chunks, or a non-streaming request
+given up after a short timeout). With `--adapters`, each request names the base (`--model`) or one of the
+adapters at random, so rows with different adapters share batches. It reports, over the clients that stay:
+latency p50/p95, time to first token (streams), completion tokens per second, and errors (any exception or
+non-2xx). With `--start-server` the script starts `python -m llama_e_jax.serve` itself, so it can also report
+the server's RSS (after a warm-up phase that compiles every shape, at the end, and the ratio) and how long the
+engine took to be idle after the last request (`/health`).
 Exit status 1 if the acceptance fails: errors > 0, not idle within 5 s, or RSS grown more than 5%.
 """
 
@@ -91,7 +93,7 @@ async def _client(index: int, args: argparse.Namespace, deadline: float, stats: 
     try:
         while time.perf_counter() < deadline:
             prompt = rng.choice(TASKS).format(rng.choice(TOPICS))
-            ask = dict(model=args.model, messages=[{"role": "user", "content": prompt}],
+            ask = dict(model=rng.choice(args.models), messages=[{"role": "user", "content": prompt}],
                        max_tokens=rng.randint(16, args.max_tokens), temperature=rng.choice([0.0, 0.7]),
                        n=2 if rng.random() < 0.2 else 1)
             leave = rng.random() < args.disconnect
@@ -159,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base-url", default=None, help="default: http://127.0.0.1:PORT/v1")
     parser.add_argument("--api-key", default="load-test-key")
-    parser.add_argument("--model", default="llama-e")
+    parser.add_argument("--model", default="llama-e", help="the base model's id (the server's --model-name)")
+    parser.add_argument("--adapters", default="", help="comma-separated adapter ids served next to the base; "
+                                                         "each request picks the base or one of them at random")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--duration", type=float, default=180, help="seconds during which clients start requests")
     parser.add_argument("--warmup", type=float, default=30, help="seconds of the same mix before measuring")
@@ -174,9 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     args.base_url = args.base_url or f"http://127.0.0.1:{args.port}/v1"
+    args.models = [args.model, *(name for name in args.adapters.split(",") if name)]
     server = _start_server(args) if args.start_server else None
     try:
-        result: dict = {"clients": args.clients, "duration_s": args.duration, "disconnect_share": args.disconnect,
+        result: dict = {"clients": args.clients, "models": args.models, "duration_s": args.duration, "disconnect_share": args.disconnect,
                         "load_average_before": os.getloadavg()}
         if server is not None:
             result["rss_started_mib"] = _rss_mib(server.pid)

@@ -5,7 +5,9 @@ Needs the imported data in the cache first (`python -m data_prep.importers`, sec
 hour (~16 s per step of 4 x 384 tokens), so this recipe samples it: 160 steps of 4 packed rows
 (~250k tokens, about a twelfth of an epoch, every record drawn from a shuffled epoch order), with
 `train.time_limit_s` stopping earlier on a busier machine so that evaluation, samples and export
-still fit in the hour. For whole epochs use configs/imported_accel.py on a GPU/TPU.
+still fit in the hour. For whole epochs use configs/imported_accel.py on a GPU/TPU. Measured
+2026-12-01 on a 2-core CPU at load average 7-12: steps took a median 54 s, so the limit stopped it
+after 47 of 160 steps (49.9 min end to end); quality in docs/evaluation.md.
 
     python -m data_prep.importers && python -m llama_e_jax.train --config configs/imported_cpu.py
 """

@@ -7,8 +7,11 @@
 What a run does, and why:
 
 * **Systems.** The base model and every adapter (ours or PEFT) are evaluated on the same records
-  with the same settings in one run, so the table compares like with like. Adapters are merged into
-  a copy of the base for decoding and scoring (no extra matmuls); the base is loaded once.
+  with the same settings in one run, so the table compares like with like. All systems decode in the
+  same batches through one multi-adapter Generator (the base unmerged, each adapter in a slot of the
+  stacked tables, model/adapter_stack.py): each record is prompted once per system, rows of
+  different systems side by side, so the data is passed over once. Teacher-forced scoring
+  (perplexity, option ranking) runs per system on a merged copy of the base, made one at a time.
 * **Two views.** `standard` prompts each record exactly as training does (`build_prompt`).
   `zero_shot` replaces each record's instruction with one of a fixed set of paraphrases of its task
   (chosen by a hash of the record id, so runs are reproducible; label tasks get their candidate
@@ -59,7 +62,7 @@ from llama_e_jax.generate.guided import Guide
 from llama_e_jax.generate.generator import Generator
 from llama_e_jax.io.adapters import load_any_adapter
 from llama_e_jax.io.load import load_model
-from llama_e_jax.model import lora
+from llama_e_jax.model import lora, quant
 from llama_e_jax.train.metrics_log import package_versions
 
 log = logging.getLogger(__name__)
@@ -203,6 +206,7 @@ class GenerationSettings:
     stop: tuple[str, ...] = DEFAULT_STOP
     batch_size: int = 16
     speculation: speculative.Speculation = speculative.DEFAULT  # same output, fewer decode steps
+    weights: str = quant.DEFAULT_MODE  # storage of the projection kernels (model/quant.py), after any merge
 
     def sampler(self) -> Any:
         if self.temperature == 0:
@@ -221,11 +225,13 @@ class Reply:
 
 
 def generate_replies(generator: Any, records: Sequence[InstructionRecord], settings: GenerationSettings,
-                     constrained: bool = False) -> list[Reply]:
+                     constrained: bool = False, adapters: Sequence[str | None] | None = None) -> list[Reply]:
     """Greedy (or sampled) replies to each record's prompt; over-long prompts are skipped, not cut.
 
     `constrained`: label-task replies may only spell one of the record's candidate labels (choice
-    decoding, generate/guided.py); other tasks decode freely."""
+    decoding, generate/guided.py); other tasks decode freely. `adapters` (a multi-adapter
+    generator): the adapter name (None: base) each record is decoded with."""
+    adapters = [None] * len(records) if adapters is None else list(adapters)
     prompts = [generator.encode_prompt(build_prompt(r.instruction, r.input)) for r in records]
     replies = [Reply() for _ in records]
     fits = []
@@ -238,7 +244,8 @@ def generate_replies(generator: Any, records: Sequence[InstructionRecord], setti
     guides = [generator.guide(Guide.choices(candidate_labels(records[i])))
               if constrained and records[i].task in LABEL_TASKS else None for i in fits]
     completions = generator.generate_ids([prompts[i] for i in fits], settings.max_new_tokens, settings.sampler(),
-                                         settings.stop, settings.seed, constraints=guides)
+                                         settings.stop, settings.seed, constraints=guides,
+                                         **({"adapters": [adapters[i] for i in fits]} if any(adapters) else {}))
     eos = set(generator.eos_ids)
     for i, completion in zip(fits, completions):
         replies[i] = Reply(text=completion.text.strip(), finish_reason=completion.finish_reason,
@@ -313,15 +320,19 @@ def evaluate(config: Any, params: dict, tokenizer: Any, systems: Sequence[System
     tasks = [t for t in TASKS if any(r.task == t for r in records)]
     results: dict[str, dict[str, dict[str, Any]]] = {view: {} for view in views}
     rows: list[dict] = []
+    started = time.perf_counter()
+    adapters = {s.name: (s.adapter, s.lora_config) for s in systems if s.adapter is not None}
+    generator = Generator(config, params, tokenizer, max_batch_size=options.generation.batch_size,
+                          speculation=options.generation.speculation, adapters=adapters or None,
+                          weights=options.generation.weights)
+    decoded = {view: _decode_all_systems(generator, systems, view_recs, options) for view, view_recs in views.items()}
+    log.info("decoded %d systems in one pass in %.0f s", len(systems), time.perf_counter() - started)
+    del generator
     for system in systems:
         started = time.perf_counter()
-        weights = system_params(params, system)
-        generator = Generator(config, weights, tokenizer, max_batch_size=options.generation.batch_size,
-                              speculation=options.generation.speculation)
+        weights = quant.quantize_params(system_params(params, system), options.generation.weights)
         for view, view_recs in views.items():
-            replies = generate_replies(generator, view_recs, options.generation, options.constrained)
-            constrained = replies if options.constrained else _constrained_label_replies(generator, view_recs,
-                                                                                         options.generation)
+            replies, constrained = decoded[view][system.name]
             nlls = (scoring.reference_nll(config, weights, tokenizer, view_recs, window, row_nll) if options.perplexity
                     else [scoring.ReferenceNll() for _ in view_recs])
             results[view][system.name] = {}
@@ -340,17 +351,32 @@ def evaluate(config: Any, params: dict, tokenizer: Any, systems: Sequence[System
                 results[view][system.name][task] = scores
                 rows += [_output_row(view, system.name, view_recs[i], replies[i], detail)
                          for i, detail in zip(index, details)]
-        log.info("evaluated %s in %.0f s", system.name, time.perf_counter() - started)
-        del generator, weights
+        log.info("scored %s in %.0f s", system.name, time.perf_counter() - started)
+        del weights
     return results, rows
 
 
+def _decode_all_systems(generator: Any, systems: Sequence[System], records: Sequence[InstructionRecord],
+                        options: EvalOptions) -> dict[str, tuple[list[Reply], list[Reply]]]:
+    """system name -> (replies, constrained label replies) for `records`, every system decoded in the
+    same batches: each record once per system, consecutively (similar prompt lengths share a batch)."""
+    pairs = [(record, system) for record in records for system in systems]
+    pair_records = [record for record, _ in pairs]
+    adapters = [system.name if system.adapter is not None else None for _, system in pairs]
+    replies = generate_replies(generator, pair_records, options.generation, options.constrained, adapters)
+    constrained = replies if options.constrained else _constrained_label_replies(
+        generator, pair_records, options.generation, adapters)
+    width = len(systems)
+    return {system.name: (replies[j::width], constrained[j::width]) for j, system in enumerate(systems)}
+
+
 def _constrained_label_replies(generator: Any, records: Sequence[InstructionRecord],
-                               settings: GenerationSettings) -> list[Reply]:
+                               settings: GenerationSettings, adapters: Sequence[str | None]) -> list[Reply]:
     """Constrained replies for the label-task records (placeholders elsewhere), for --unconstrained runs."""
     index = [i for i, r in enumerate(records) if r.task in LABEL_TASKS]
     replies = [Reply(skipped="not a label task") for _ in records]
-    for i, reply in zip(index, generate_replies(generator, [records[i] for i in index], settings, constrained=True)):
+    for i, reply in zip(index, generate_replies(generator, [records[i] for i in index], settings, constrained=True,
+                                                adapters=[adapters[i] for i in index])):
         replies[i] = reply
     return replies
 
@@ -390,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "default: the embedded SmolLM2-135M-Instruct")
     model.add_argument("--tokenizer", help="tokenizer dir/GGUF, or 'bytes' (default: the model's; presets: bytes)")
     model.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    quant.add_arguments(model)
     model.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
                        help="adapter dir (ours or PEFT), repeatable; default: runs/default/adapter if it exists")
     model.add_argument("--no-base", action="store_true", help="do not evaluate the base model itself")
@@ -420,7 +447,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                   seed=args.seed, stop=tuple(args.stop) if args.stop is not None else DEFAULT_STOP,
-                                  batch_size=args.batch_size, speculation=speculative.from_arguments(args))
+                                  batch_size=args.batch_size, speculation=speculative.from_arguments(args),
+                                  weights=quant.from_arguments(args))
     try:
         records, data_source = load_records(args.jsonl, args.split, args.tfds_config, args.data_dir)
         records = limit_per_task(records, args.limit_per_task)
@@ -462,6 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "generation": dataclasses.asdict(settings) | {"sampler": "greedy" if settings.temperature == 0 else "top-p"},
             "perplexity": not args.no_perplexity,
             "label_decoding": "free (constrained beside it)" if args.unconstrained else "constrained to the candidates",
+            "system_decoding": "one pass: every system in the same batches (adapters unmerged, stacked)",
             "versions": package_versions(("jax", "flax", "sacrebleu", "rouge-score", "tokenizers")),
             "wall_s": round(time.perf_counter() - started, 1),
         },

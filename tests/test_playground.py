@@ -2,9 +2,10 @@
 
 The browser is Debian's headless Chromium driven by Selenium through Debian's chromedriver (`make test`
 installs both when missing; nothing is downloaded at run time). The server is the real one
-(`serve.create_app`) on the real default model, SmolLM2-135M-Instruct, with an API key. It serves one
-model; to exercise the model picker and compare, a small ASGI shim in this file serves the same base
-under a second name (`TwoNames`), so a greedy compare must give the same reply twice.
+(`serve.create_app`) on the real default model, SmolLM2-135M-Instruct, with an API key. It serves the
+base and one real adapter next to it (random, saved and read back like any adapter directory), so the
+model picker and the compare switch between two different models; each compared reply must be what
+the API answers for its model.
 
 Screenshots go to $LLAMA_E_TEST_ARTIFACTS (default: <tmp>/llama_e_jax-test-artifacts/); with
 UPDATE_DOCS_SCREENSHOTS=1 the README's two images in docs/img/ are rewritten from them.
@@ -25,6 +26,8 @@ import time
 from pathlib import Path
 
 import httpx
+import jax
+import numpy as np
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -35,7 +38,9 @@ from llama_e_jax.data.prompt import build_prompt
 from llama_e_jax.data.schema import TASKS, read_jsonl
 from llama_e_jax.eval_report import write_reports
 from llama_e_jax.generate.generator import Generator
+from llama_e_jax.io.adapters import load_any_adapter, save_adapter
 from llama_e_jax.io.load import load_model
+from llama_e_jax.model.lora import LORA_B, LoraConfig, flatten_adapter, init_adapter, unflatten_adapter
 from llama_e_jax.serve import BatchingEngine, ServerThread, create_app
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium (the test extra)")
@@ -43,7 +48,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 API_KEY = "playground-key"
-MODEL, ALIAS = "llama-e", "llama-e-copy"
+MODEL, ALIAS = "llama-e", "ads-random"  # the base and an adapter served next to it
 MAX_CONTEXT = 512  # the ads prompt is ~130 tokens; replies here are at most a few hundred
 REPLY_TIMEOUT_S = 300  # the first request compiles the model's prefill and decode on a shared 2-core CPU
 REPO = Path(__file__).resolve().parent.parent
@@ -53,78 +58,28 @@ XSS_REPLY = '<script>window.__pwned = 1</script><img src="x" onerror="window.__p
 # ---------------------------------------------------------------------------------------- fixtures
 
 
-class TwoNames:
-    """ASGI shim: serves the app's one model also as `alias` (listed in /v1/models, accepted as `model`)."""
-
-    def __init__(self, app, name: str, alias: str) -> None:
-        self.app, self.name, self.alias = app, name, alias
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
-            return await self.app(scope, receive, send)
-        if scope["method"] == "POST":
-            receive = await self._renamed_body(receive)
-        if scope["path"] == "/v1/models":
-            send = self._listing_alias(send)
-        await self.app(scope, receive, send)
-
-    async def _renamed_body(self, receive):
-        chunks, more = [], True
-        while more:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-        try:
-            payload = json.loads(body)
-            if payload.get("model") == self.alias:
-                body = json.dumps({**payload, "model": self.name}).encode()
-        except (ValueError, AttributeError):
-            pass  # not a JSON object: the server answers that itself
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # then the client's own channel, so disconnects still arrive
-
-        return replay
-
-    def _listing_alias(self, send):
-        start: dict = {}
-        body: list[bytes] = []
-
-        async def wrapped(message):
-            if message["type"] == "http.response.start":
-                start.update(message)
-                return
-            body.append(message.get("body", b""))
-            if message.get("more_body"):
-                return
-            content = b"".join(body)
-            if start["status"] == 200:
-                listing = json.loads(content)
-                listing["data"].append({**listing["data"][0], "id": self.alias})
-                content = json.dumps(listing).encode()
-            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
-            await send({**start, "headers": headers + [(b"content-length", str(len(content)).encode())]})
-            await send({"type": "http.response.body", "body": content})
-
-        return wrapped
-
-
 @pytest.fixture(scope="module")
-def server(smollm2_gguf):
-    """(ServerThread, BatchingEngine): the real server on the default model, behind API_KEY."""
+def server(smollm2_gguf, tmp_path_factory):
+    """(ServerThread, BatchingEngine): the real server on the default model and the adapter ALIAS, behind API_KEY."""
     loaded = load_model(str(smollm2_gguf))
+    directory = save_adapter(tmp_path_factory.mktemp("adapter"), *random_adapter(loaded.config), loaded.config)
     generator = Generator(loaded.config, loaded.params, loaded.tokenizer, max_batch_size=4, max_length=MAX_CONTEXT,
-                          chunk_size=4)
+                          chunk_size=4, adapters={ALIAS: load_any_adapter(directory, loaded.config)})
     engine = BatchingEngine(generator, max_batch_size=4, chunk_size=4)
     app = create_app(engine, model_name=MODEL, api_key=API_KEY)
-    with ServerThread(TwoNames(app, MODEL, ALIAS)) as thread:
+    with ServerThread(app) as thread:
         yield thread, engine
+
+
+def random_adapter(config) -> tuple[dict, LoraConfig]:
+    """r=8 on q and v with a random B (a fresh adapter has B = 0 and changes nothing); B's scale makes
+    the change to the attention outputs comparable to the base's, so greedy replies differ."""
+    lora_config = LoraConfig(rank=8, alpha=16.0, dropout=0.0, targets=("q_proj", "v_proj"))
+    flat = flatten_adapter(init_adapter(config, lora_config, jax.random.PRNGKey(3)))
+    rng = np.random.default_rng(3)
+    for leaves in flat.values():
+        leaves[LORA_B] = (0.05 * rng.standard_normal(np.shape(leaves[LORA_B]))).astype(np.float32)
+    return unflatten_adapter(flat), lora_config
 
 
 @pytest.fixture(scope="module")
@@ -316,15 +271,23 @@ def test_playground_in_a_browser(browser, server, artifacts, tmp_path):
     assert message.startswith("The server refused the request: ") and "temperature" in message, message
     fill(driver, "temperature", "0")
 
-    # Switch models and compare: the same base under two names, greedy, must answer the same.
+    # Switch models and compare the adapter with the base: each reply is what the API answers for its
+    # model (greedy, the same body), and the adapter changes the reply.
     Select(element(driver, "model")).select_by_value(ALIAS)
     element(driver, "compare").click()
     Select(element(driver, "model-b")).select_by_value(MODEL)
     fill(driver, "max-tokens", "16")
     left, right = run_and_wait(driver, count=2)
     assert [left.get_attribute("data-model"), right.get_attribute("data-model")] == [ALIAS, MODEL]
-    replies = [p.find_element(By.CLASS_NAME, "reply").text for p in (left, right)]
-    assert replies[0].strip() and replies[0] == replies[1]
+    compared = {item["model"]: item for item in history(driver)[-2:]}
+    for model, item in compared.items():
+        body = {**item["settings"], "model": model, "prompt": item["prompt"], "stream": False}
+        body.pop("stream_options", None)
+        direct = httpx.post(thread.base_url + "/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                            json=body, timeout=REPLY_TIMEOUT_S).json()
+        assert item["output"] == direct["choices"][0]["text"], model
+    assert sorted(compared) == sorted([ALIAS, MODEL]) and compared[ALIAS]["output"].strip()
+    assert compared[ALIAS]["output"] != compared[MODEL]["output"]
     screenshot(driver, artifacts, "playground-compare.png", docs_name="playground.png")
 
     # Export: one record per finished reply (3), the stopped one left out; valid against the schema.

@@ -9,8 +9,9 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import functools
-import itertools
 
 import flax.struct
 import jax
@@ -366,7 +367,9 @@ def test_smollm2_greedy_identical_on_test_prompts(smollm2_params):
     config, params = smollm2_params
     tokenizer = load_tokenizer(ensure_default_hf_dir())
     plain = Generator(config, params, tokenizer, max_batch_size=8, speculation=speculative.OFF)
-    fast = Generator(config, params, tokenizer, max_batch_size=8, speculation=speculative.PROMPT_LOOKUP)
+    # Speculating on all 8 rows (the measured default speculates only with one row: that is about speed).
+    every_row = dataclasses.replace(speculative.PROMPT_LOOKUP, max_rows=8)
+    fast = Generator(config, params, tokenizer, max_batch_size=8, speculation=every_row)
     prompts = [build_prompt(r.instruction, r.input) for r in picked]
     expected = plain.generate(prompts, max_new_tokens=48)
     got = fast.generate(prompts, max_new_tokens=48)
@@ -396,3 +399,15 @@ def test_session_history_holds_prompt_and_output(tiny_model):
 def test_many_rows_decode_plainly():
     spec = Speculation(4, 3, 1, max_rows=8)
     assert spec.for_rows(8) is spec and spec.for_rows(9) == speculative.OFF
+
+
+def test_command_lines_default_to_the_measured_setting_and_can_turn_it_off():
+    parser = argparse.ArgumentParser()
+    speculative.add_arguments(parser)
+    assert speculative.from_arguments(parser.parse_args([])) == speculative.COMMAND_LINE_DEFAULT
+    assert speculative.COMMAND_LINE_DEFAULT.enabled and not speculative.DEFAULT.enabled  # library: opt in
+    assert speculative.from_arguments(parser.parse_args(["--no-speculative"])) == speculative.OFF
+    assert speculative.from_arguments(parser.parse_args(["--speculative-k", "0"])) == speculative.OFF
+    two = speculative.from_arguments(parser.parse_args(["--speculative-k", "2", "--speculative-ngram", "2"]))
+    expected = (2, 2, 1, speculative.COMMAND_LINE_DEFAULT.max_rows)
+    assert (two.num_draft, two.ngram_max, two.ngram_min, two.max_rows) == expected

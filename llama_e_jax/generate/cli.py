@@ -3,6 +3,11 @@
     python -m llama_e_jax.generate "Write an ad for a steel water bottle"
     python -m llama_e_jax.generate --jsonl data/test.jsonl --adapter runs/ads/adapter --max-new-tokens 128
     python -m llama_e_jax.generate --choices "Electronics|Home & Kitchen|Toys" "Which category is a toaster in?"
+    python -m llama_e_jax.generate --adapter ads=runs/ads/adapter --adapter qa=runs/qa/adapter "Write an ad"
+
+One `--adapter DIR` is merged into the weights. Several (or any `NAME=DIR`) are loaded unmerged side by
+side (Generator(adapters=...)): every prompt is answered by the base and by each adapter, all in the
+same batches, and each result says which system (`base` or the adapter's name) wrote it.
 
 Only parsing and printing live here; the model comes from `load_generator` (io.load.load_model),
 the sampler from `sampling.from_settings`, and the decoding from `Generator.generate`.
@@ -27,6 +32,7 @@ from llama_e_jax.generate.generator import load_generator
 from llama_e_jax.generate.guided import Guide
 from llama_e_jax.generate.kernels import GenerationError
 from llama_e_jax.io.default_model import enable_compilation_cache
+from llama_e_jax.model import quant
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +76,22 @@ def _guide_from_args(args: argparse.Namespace) -> Guide | None:
     return Guide.choices(choices)
 
 
+def _adapters_from_args(specs: Sequence[str]) -> tuple[str | None, dict[str, str] | None]:
+    """(one adapter dir to merge, or None; name -> dir of several, or None) from the --adapter values."""
+    if not specs:
+        return None, None
+    if len(specs) == 1 and "=" not in specs[0]:
+        return specs[0], None
+    several: dict[str, str] = {}
+    for spec in specs:
+        name, _, directory = spec.rpartition("=")
+        name = name or directory.rstrip("/").split("/")[-1]
+        if name in several or name == "base":
+            raise GenerationError(f"--adapter {spec}: the name {name!r} is taken; give NAME=DIR")
+        several[name] = directory
+    return None, several
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llama_e_jax.generate",
                                      description="KV-cache text generation with a LLaMA model (and LoRA adapter).")
@@ -79,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--raw", action="store_true", help="use the prompts exactly as given")
     parser.add_argument("--chat", action="store_true", help="wrap the prompts in the model's chat template")
     parser.add_argument("--model", help="GGUF file or HF checkpoint dir (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--adapter", help="LoRA adapter directory (ours or PEFT); merged into the weights")
+    parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
+                        help="LoRA adapter directory (ours or PEFT); one plain DIR is merged into the weights; "
+                             "repeat (NAME=DIR) to answer every prompt with the base and each adapter in one pass")
     parser.add_argument("--tokenizer", help="tokenizer dir or GGUF (default: from --model)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -96,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--regex", help="every reply matches this regex in full")
     parser.add_argument("--output", help="write JSONL results here instead of printing")
     speculative.add_arguments(parser)
+    quant.add_arguments(parser)
     return parser
 
 
@@ -105,28 +130,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     enable_compilation_cache()
     try:
         sampler = sampling.from_settings(args.temperature, args.top_p, args.top_k)
-        generator = load_generator(args.model, args.adapter, dtype=args.dtype, tokenizer=args.tokenizer,
+        merged, several = _adapters_from_args(args.adapter)
+        generator = load_generator(args.model, merged, adapters=several, dtype=args.dtype, tokenizer=args.tokenizer,
                                    max_batch_size=args.batch_size, layer_loop=args.layer_loop,
-                                   speculation=speculative.from_arguments(args))
-        prompts = _prompts_from_args(args, generator.tokenizer)
+                                   speculation=speculative.from_arguments(args), weights=quant.from_arguments(args))
+        systems = [None, *several] if several else [None]  # adapter name per system; None = base
+        prompts = [(record_id, prompt, system) for record_id, prompt in _prompts_from_args(args, generator.tokenizer)
+                   for system in systems]
         guide = _guide_from_args(args)
         constraint = None if guide is None else generator.guide(guide)
     except (GenerationError, ConstraintError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    completions = generator.generate([p for _, p in prompts], args.max_new_tokens, sampler, args.stop, args.seed,
-                                     constraints=[constraint] * len(prompts))
+    completions = generator.generate([p for _, p, _ in prompts], args.max_new_tokens, sampler, args.stop, args.seed,
+                                     constraints=[constraint] * len(prompts),
+                                     **({"adapters": [a for _, _, a in prompts]} if several else {}))
     elapsed = time.perf_counter() - started
     total = sum(c.completion_tokens for c in completions)
     out = open(args.output, "w", encoding="utf-8") if args.output else None
-    for (record_id, _), completion in zip(prompts, completions):
+    for (record_id, _, system), completion in zip(prompts, completions):
+        label = {"system": system or "base"} if several else {}
         if out is not None:
-            row = {"id": record_id, **dataclasses.asdict(completion)}
+            row = {"id": record_id, **label, **dataclasses.asdict(completion)}
             row.pop("token_ids")
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
         else:
-            print(f"--- {record_id} ({completion.completion_tokens} tokens, {completion.finish_reason})")
+            by = f" [{label['system']}]" if several else ""
+            print(f"--- {record_id}{by} ({completion.completion_tokens} tokens, {completion.finish_reason})")
             print(completion.text)
     if out is not None:
         out.close()

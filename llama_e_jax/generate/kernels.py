@@ -36,6 +36,10 @@ Design, and why:
   `lax.cond`, so a step with no constrained row does no extra work and unconstrained rows keep their
   logits bit for bit. The tables are a leaf of the (donated) state with fixed capacities: a new
   constraint re-packs them on the host between chunks without a recompile.
+* Several adapters (model/adapter_stack.py): when the weights carry stacked adapter tables, each
+  row's slot (`DecodeState.adapter`, set at admission from `Admission.adapter`) goes with every
+  forward pass (prefill, decode, teacher forcing, speculative verification) as `adapter_ids`;
+  weights without tables ignore it, so the merged single-adapter path is unchanged.
 * Sharded params (sharding.py) work unchanged: the functions are jitted without placement; each
   layer's slice keeps its parameter's sharding minus the layer axis and the cache is placed by
   `sharding.CACHE_RULES` (batch over data/fsdp, kv heads over tensor).
@@ -111,6 +115,8 @@ class DecodeState:
       history: [B, S] int32, the row's tokens by position (prompt, then generated), valid up to and
         including position cache.lengths; speculative decoding drafts from it (speculative.py). Only
         prefill and the speculative step write it.
+      adapter: [B] int32, each row's slot in the stacked adapter tables (model/adapter_stack.py),
+        set at admission; 0 = the base. Ignored when the weights have no tables.
     """
 
     cache: KVCache
@@ -127,6 +133,7 @@ class DecodeState:
     rng: jax.Array
     sampler: Any
     history: jax.Array
+    adapter: jax.Array
 
     @property
     def batch_size(self) -> int:
@@ -145,7 +152,8 @@ class Admission:
     lengths (prompt length - 1, may be 0); last_tokens: [b] each prompt's last token, which the first
     decode step feeds; rows: [b] target rows; max_new_tokens: [b]; seeds / streams: [b] uint32, the
     row key is fold_in(key(seed), stream); stop_ids: [b, M, W]; constraint: [b] initial automaton
-    states (constraints.UNCONSTRAINED for none); sampler: the rows' sampler values ([b] leaves).
+    states (constraints.UNCONSTRAINED for none); sampler: the rows' sampler values ([b] leaves);
+    adapter: [b] int32 adapter slots (0 = base).
     """
 
     prompt_ids: jax.Array
@@ -158,6 +166,7 @@ class Admission:
     stop_ids: jax.Array
     constraint: jax.Array
     sampler: Any
+    adapter: jax.Array
 
 
 # ============================================================================= the forward pass
@@ -175,7 +184,7 @@ def _decode_logits(config: LlamaConfig, weights: dict, state: DecodeState) -> tu
     cache = state.cache
     logits, cache = _model(config, weights).apply(
         {"params": weights}, state.tokens[:, None], cache.lengths[:, None], state.active[:, None].astype(jnp.int32),
-        cache=cache)
+        cache=cache, adapter_ids=jnp.where(state.active, state.adapter, 0))  # ended rows: base (see lora.py)
     return logits[:, 0], cache
 
 
@@ -190,7 +199,8 @@ def _prefill_cache(config: LlamaConfig, weights: dict, state: DecodeState, admis
     model = _model(config, weights)
     scratch = KVCache.zeros(config, rows_in, prompt_len, layer_loop=model.layer_loop,
                             dtype=jax.tree.leaves(state.cache.keys)[0].dtype)
-    _, scratch = model.apply({"params": weights}, ids, positions, segments, cache=scratch)
+    _, scratch = model.apply({"params": weights}, ids, positions, segments, cache=scratch,
+                             adapter_ids=admission.adapter)
 
     def put_rows(full: jax.Array, part: jax.Array) -> jax.Array:
         # [B, K, S, Dh] <- [b, K, T, Dh] per layer, or stacked with a leading L.
@@ -276,6 +286,7 @@ def prefill(config: LlamaConfig, weights: dict, state: DecodeState, admission: A
         constraint=put(state.constraint, admission.constraint),
         rng=state.rng.at[rows].set(row_keys, mode="drop"),
         sampler=jax.tree.map(put, state.sampler, admission.sampler),
+        adapter=put(state.adapter, admission.adapter),
     )
 
 
@@ -396,6 +407,7 @@ def new_state(
         rng=jax.random.split(jax.random.key(0), batch_size),
         sampler=sampler_rows([sampler], batch_size),
         history=jnp.zeros((batch_size, max_length), jnp.int32),
+        adapter=per_row(),
     )
 
 

@@ -79,6 +79,8 @@ class Request:
     and once more when the request finishes. `cancel()` may be called from any thread; the row is
     freed at the next chunk boundary. `constraint` (optional) is an automaton (constraints.py, made
     by `Generator.guide`) that the generated tokens must follow: choices, a regex, a JSON schema.
+    `adapter` names one of a multi-adapter Generator's adapters (None: the base model, or the
+    adapter merged into a single-adapter Generator); `adapter_slot` is set by the session at submit.
     """
 
     prompt_ids: list[int]
@@ -89,6 +91,8 @@ class Request:
     stream: int = 0
     on_update: Callable[[Progress], None] | None = None
     constraint: Automaton | None = None
+    adapter: str | None = None
+    adapter_slot: int = dataclasses.field(default=0, repr=False)
     token_ids: list[int] = dataclasses.field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
@@ -181,6 +185,7 @@ def make_admission(
     seeds, streams = np.zeros((count,), np.uint32), np.zeros((count,), np.uint32)
     stop_ids = np.full((count, MAX_DEVICE_STOPS, STOP_WINDOW), -1, np.int32)
     constraint = np.full((count,), UNCONSTRAINED, np.int32)
+    adapter = np.zeros((count,), np.int32)
     if constraint_states is not None:
         constraint[:len(requests)] = constraint_states
     for i, (request, row) in enumerate(zip(requests, rows)):
@@ -190,10 +195,11 @@ def make_admission(
         budgets[i] = min(request.max_new_tokens, max_length - n)
         seeds[i], streams[i] = request.seed % 2**32, request.stream % 2**32
         stop_ids[i] = _device_stop_ids(request.stop, encode)
+        adapter[i] = request.adapter_slot
     return Admission(
         prompt_ids=ids, prompt_lengths=lengths, last_tokens=last_tokens, rows=target_rows, max_new_tokens=budgets,
         seeds=seeds, streams=streams, stop_ids=stop_ids, constraint=constraint,
-        sampler=sampler_rows([request.sampler for request in requests], count),
+        sampler=sampler_rows([request.sampler for request in requests], count), adapter=adapter,
     )
 
 
@@ -244,6 +250,8 @@ class DecodeSession:
             raise GenerationError(f"sampler {seq.sampler} does not match this session's {self.sampler_type}")
         if seq.constraint is not None:
             self._check_constraint(seq.constraint)
+        if seq.adapter is not None and seq.adapter not in self.generator.adapter_names:
+            raise GenerationError(f"unknown adapter {seq.adapter!r}")
 
     def _check_constraint(self, automaton: Automaton) -> None:
         if not isinstance(automaton, Automaton):
@@ -256,8 +264,12 @@ class DecodeSession:
                                   f"{self.generator.config.vocab_size} and {self.generator.eos_ids}")
 
     def submit(self, seq: Request) -> None:
-        """Queues `seq` for the next `step` (any thread). Raises GenerationError if it can never run."""
+        """Queues `seq` for the next `step` (any thread). Raises GenerationError if it can never run.
+
+        The request holds its adapter's slot from here until it ends (a removed adapter's slot is
+        reused only once no request holds it)."""
         self.check(seq)
+        seq.adapter_slot = self.generator.acquire_adapter(seq.adapter)
         with self._lock:
             self.queue.append(seq)
 
@@ -288,7 +300,9 @@ class DecodeSession:
         """Up to `free_rows` queued requests, oldest first; cancelled ones are finished and dropped."""
         with self._lock:
             while self.queue and self.queue[0].cancelled:
-                self.queue.popleft().finish_reason = "cancelled"
+                dropped = self.queue.popleft()
+                dropped.finish_reason = "cancelled"
+                self.generator.release_adapter(dropped.adapter_slot)
             return [self.queue.popleft() for _ in range(min(free_rows, len(self.queue)))]
 
     def _admit(self) -> None:
@@ -326,5 +340,6 @@ class DecodeSession:
             released[finished] = True
             self.state = release_rows(self.state, released)
             for row in finished:
+                self.generator.release_adapter(self.rows[row].adapter_slot)
                 self.rows[row] = None
 

@@ -71,7 +71,9 @@ class Speculation:
     max_rows: a decode chunk with more occupied rows than this decodes plainly (the session decides,
       per chunk). Verifying k+1 positions of many rows is compute-bound on a CPU: SmolLM2 on 2 cores,
       batch 16, a pass over 5 positions took 2.1x one over 1, more than the ~2 tokens per step that
-      prompt-lookup drafts gain (batch 1: 1.6x for 5 positions).
+      prompt-lookup drafts gain (batch 1: 1.6x for 5 positions). XLA:CPU's matmuls cost the same for
+      1 and 2 rows and ~1.55x for 3 to 5 (a [M, 576] x [576, 1536] product), and the tied output layer
+      [M, 576] x [49152, 576]^T takes 15 ms at M=1, 21 ms at M=16 and 138 ms at M=80 (16 rows x 5).
     """
 
     num_draft: int = 8
@@ -96,13 +98,17 @@ class Speculation:
 
 
 OFF = Speculation(num_draft=0)
-# The best setting measured (docs/benchmarks.md, "Speculative decoding"): SmolLM2-135M on 2 CPU cores,
-# the seed test prompts of all five tasks — k=4 drafts from 3- down to 1-gram matches, off above 8 rows.
-PROMPT_LOOKUP = Speculation(num_draft=4, ngram_max=3, ngram_min=1, max_rows=8)
-# Off by default: on the 2-core CPU the same measurement did not show a gain that survives noise
-# (0.76x-1.44x of plain decoding at batch 1), so speculation is opt-in (`--speculative-k 4`) until a
-# benchmark on the target machine says it pays. Output is identical either way.
+# The measured setting (docs/benchmarks.md, "Speculative decoding"): SmolLM2-135M on 2 CPU cores, real
+# test-split prompts of all five tasks, CPU time per token (load ~10). One row: k 1/2/3/4 ran
+# 1.28/1.34/1.37/1.36x plain decoding (acceptance 1.58/1.92/2.22/2.36 tokens per pass). More rows lose:
+# 4 rows k 4 ran 0.85x, 8 rows k 1/2 1.03/0.95x, 16 rows k 1/2 0.94/0.88x (a pass over rows x (k+1)
+# positions is compute-bound), hence speculation only while a single row decodes.
+PROMPT_LOOKUP = Speculation(num_draft=4, ngram_max=3, ngram_min=1, max_rows=1)
+# Library default: off, so that a program (or a test) decodes one token per step unless it asks.
 DEFAULT = OFF
+# The command lines (generate, serve, evaluate) default to the measured setting, where it pays
+# (`max_rows`); `--no-speculative` turns it off. Output is identical either way.
+COMMAND_LINE_DEFAULT = PROMPT_LOOKUP
 
 
 def propose(history: jax.Array, num_valid: jax.Array, speculation: Speculation) -> tuple[jax.Array, jax.Array]:
@@ -141,6 +147,7 @@ def verify(
     drafts: jax.Array,  # [B, k]
     num_drafts: jax.Array,  # [B]
     active: jax.Array,  # [B] bool
+    adapter_ids: jax.Array | None = None,  # [B] int32 stacked-adapter slots (model/adapter_stack.py)
 ) -> tuple[jax.Array, KVCache]:  # logits [B, k+1, V], cache with k+1 slots written per active row
     """One forward pass over each row's pending token and its drafts, through the model's own apply.
 
@@ -153,7 +160,8 @@ def verify(
     offsets = jnp.arange(k + 1, dtype=jnp.int32)[None, :]
     positions = cache.lengths[:, None] + offsets
     fed = active[:, None] & (offsets <= num_drafts[:, None]) & (positions < cache.max_length)
-    return model.apply({"params": weights}, ids, positions, fed.astype(jnp.int32), cache=cache)
+    return model.apply({"params": weights}, ids, positions, fed.astype(jnp.int32), cache=cache,
+                       adapter_ids=adapter_ids)
 
 
 def accept(
@@ -218,7 +226,8 @@ def step(
     cache, active = state.cache, state.active
     start = cache.lengths
     drafts, num_drafts = propose(state.history, start + 1, speculation)
-    logits, cache = verify(model, weights, cache, state.tokens, drafts, num_drafts, active)
+    logits, cache = verify(model, weights, cache, state.tokens, drafts, num_drafts, active,
+                           getattr(state, "adapter", None))
     state = state.replace(cache=cache)
     state, emitted, num_emitted = accept(state, logits, drafts, num_drafts, active, emit)
     return state.replace(cache=rollback(state.cache, start, num_emitted),
@@ -263,11 +272,11 @@ def propose_reference(known: np.ndarray, speculation: Speculation) -> list[int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The speculative-decoding flags shared by generate, serve and evaluate."""
-    parser.add_argument("--speculative-k", type=int, default=DEFAULT.num_draft,
-                        help=f"prompt-lookup draft tokens verified per step (default {DEFAULT.num_draft} = off; "
-                             f"{PROMPT_LOOKUP.num_draft} measured best when on)")
-    parser.add_argument("--speculative-ngram", type=int, default=PROMPT_LOOKUP.ngram_max,
-                        help=f"longest n-gram looked up for drafts (default {PROMPT_LOOKUP.ngram_max})")
+    parser.add_argument("--speculative-k", type=int, default=COMMAND_LINE_DEFAULT.num_draft,
+                        help=f"prompt-lookup draft tokens verified per step (default {COMMAND_LINE_DEFAULT.num_draft}, "
+                             f"used in decode chunks of at most {COMMAND_LINE_DEFAULT.max_rows} row(s); 0 = off)")
+    parser.add_argument("--speculative-ngram", type=int, default=COMMAND_LINE_DEFAULT.ngram_max,
+                        help=f"longest n-gram looked up for drafts (default {COMMAND_LINE_DEFAULT.ngram_max})")
     parser.add_argument("--no-speculative", action="store_true", help="decode one token per step (same output)")
 
 
@@ -275,5 +284,5 @@ def from_arguments(args: argparse.Namespace) -> Speculation:
     """The Speculation the flags of `add_arguments` ask for (a clear ValueError for bad values)."""
     if args.no_speculative or args.speculative_k == 0:
         return OFF
-    return dataclasses.replace(PROMPT_LOOKUP, num_draft=args.speculative_k, ngram_max=args.speculative_ngram,
-                               ngram_min=min(PROMPT_LOOKUP.ngram_min, args.speculative_ngram))
+    return dataclasses.replace(COMMAND_LINE_DEFAULT, num_draft=args.speculative_k, ngram_max=args.speculative_ngram,
+                               ngram_min=min(COMMAND_LINE_DEFAULT.ngram_min, args.speculative_ngram))

@@ -27,6 +27,9 @@ Design choices and why:
   as its output, which costs copies every step (2.6x slower decode on CPU); unrolled, a step reads
   each weight once and writes only the new key/value rows of a donated cache, in place.
 * Every projection is a `LoraLinear` (see lora.py); adapters live in their own `lora` collection.
+  For serving several adapters at once, the params may instead carry stacked tables (one slot per
+  adapter, adapter_stack.py) and `adapter_ids` [B] picks each row's slot; without them (training,
+  merged decoding) that argument changes nothing.
 * Activation sharding is pinned only when the model is given a mesh (`Llama(..., mesh=mesh)`, as
   train.state.Trainer does): the residual stream, embeddings and logits split over the batch axes,
   q/k/v/attention output over heads and the MLP hidden over "tensor" (sharding.constrain). Without
@@ -189,11 +192,13 @@ class AttentionContext:
     positions: [B, T] absolute positions of the query tokens.
     mask: [B, 1, T, S] boolean, True where a query may attend a key; None means plain causal.
     cache_slots: [B, T] slot each new token is written to (only when decoding with a cache).
+    adapter: [B] int32 each row's slot in the stacked adapter tables (adapter_stack.py), or None.
     """
 
     positions: jax.Array
     mask: jax.Array | None
     cache_slots: jax.Array | None
+    adapter: jax.Array | None = None
 
 
 def _projection(config: LlamaConfig, lora: LoraConfig | None, path: str, features: int, deterministic: bool):
@@ -235,9 +240,10 @@ class Attention(nn.Module):
         c = self.config
         batch, length, _ = x.shape
         proj = functools.partial(_projection, c, self.lora, deterministic=self.deterministic)
-        q = proj("attn/q_proj", c.num_heads * c.head_dim)(x).reshape(batch, length, c.num_heads, c.head_dim)
-        k = proj("attn/k_proj", c.num_kv_heads * c.head_dim)(x).reshape(batch, length, c.num_kv_heads, c.head_dim)
-        v = proj("attn/v_proj", c.num_kv_heads * c.head_dim)(x).reshape(batch, length, c.num_kv_heads, c.head_dim)
+        rows = context.adapter
+        q = proj("attn/q_proj", c.num_heads * c.head_dim)(x, rows).reshape(batch, length, c.num_heads, c.head_dim)
+        k = proj("attn/k_proj", c.num_kv_heads * c.head_dim)(x, rows).reshape(batch, length, c.num_kv_heads, c.head_dim)
+        v = proj("attn/v_proj", c.num_kv_heads * c.head_dim)(x, rows).reshape(batch, length, c.num_kv_heads, c.head_dim)
         inv_freq = rope_inverse_frequencies(c)
         q = _pin(apply_rotary(q, context.positions, inv_freq), "heads", self.mesh)
         k = _pin(apply_rotary(k, context.positions, inv_freq), "heads", self.mesh)
@@ -254,7 +260,7 @@ class Attention(nn.Module):
                 implementation=_attention_implementation(c, context.mask),
             )  # [B, T, H, Dh]
         out = _pin(out, "heads", self.mesh).reshape(batch, length, c.num_heads * c.head_dim)
-        return proj("attn/o_proj", c.hidden_size)(out), cache_kv
+        return proj("attn/o_proj", c.hidden_size)(out, rows), cache_kv
 
 
 def _write_cache(
@@ -308,13 +314,13 @@ class MLP(nn.Module):
     mesh: Mesh | None = None  # pins the [B, T, F] hidden to F over "tensor" (see _pin)
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D]
+    def __call__(self, x: jax.Array, rows: jax.Array | None = None) -> jax.Array:  # [B, T, D]; rows: adapter ids [B]
         c = self.config
         proj = functools.partial(_projection, c, self.lora, deterministic=self.deterministic)
-        gate = _pin(proj("mlp/gate_proj", c.intermediate_size)(x), "mlp", self.mesh)
-        up = _pin(proj("mlp/up_proj", c.intermediate_size)(x), "mlp", self.mesh)
+        gate = _pin(proj("mlp/gate_proj", c.intermediate_size)(x, rows), "mlp", self.mesh)
+        up = _pin(proj("mlp/up_proj", c.intermediate_size)(x, rows), "mlp", self.mesh)
         gate, up = checkpoint_name(gate, "mlp_gate"), checkpoint_name(up, "mlp_up")  # for mlp_dots_saveable
-        return proj("mlp/down_proj", c.hidden_size)(nn.silu(gate) * up)
+        return proj("mlp/down_proj", c.hidden_size)(nn.silu(gate) * up, rows)
 
 
 class Block(nn.Module):
@@ -335,7 +341,7 @@ class Block(nn.Module):
             norm(name="attn_norm")(h), context, cache_kv
         )
         h = h + attn_out
-        h = h + MLP(c, self.lora, self.deterministic, self.mesh, name="mlp")(norm(name="mlp_norm")(h))
+        h = h + MLP(c, self.lora, self.deterministic, self.mesh, name="mlp")(norm(name="mlp_norm")(h), context.adapter)
         return _pin(h, "residual", self.mesh), cache_kv
 
 
@@ -430,6 +436,7 @@ class Llama(nn.Module):
         cache: KVCache | None = None,
         deterministic: bool = True,
         logits_at: jax.Array | None = None,  # [B, P] indices into T; default all T
+        adapter_ids: jax.Array | None = None,  # [B] int32 slots in the stacked adapter tables, if the params have them
     ):
         """Returns logits [B, T|P, V] float32, or with `cache`, `(logits, new_cache)`.
 
@@ -441,6 +448,8 @@ class Llama(nn.Module):
         c = self.config
         _check_layer_loop(self.layer_loop)
         context, layer_caches, new_lengths = self._context(input_ids, positions, segment_ids, cache)
+        if adapter_ids is not None:
+            context = context.replace(adapter=adapter_ids.astype(jnp.int32))
 
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=jnp.dtype(c.dtype),
                          param_dtype=jnp.dtype(c.param_dtype), name="embed")

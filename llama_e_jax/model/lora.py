@@ -19,6 +19,11 @@ block ("attn/q_proj", the string `LoraConfig.targets` is matched against):
 * `init_adapter` builds a fresh tree from shapes alone (`adapter_shapes`), without the base weights.
 * `merge` / `unmerge` fold s·A·B into (out of) the base kernels for export or adapter-free serving.
 * `model_shape` is what an adapter file records about its model (io/adapters.py checks it on load).
+
+Serving several adapters at once does not use the `lora` collection: adapter_stack.py puts them all
+into per-slot tables in `params` (`lora_stack_a` / `lora_stack_b`), and `LoraLinear` adds each row's
+own slot when called with `adapter_ids` [B] (`_stacked_update`). An int8 kernel (model/quant.py) has a
+per-column `kernel_scale` [out] beside it, applied after the matmul.
 """
 
 from __future__ import annotations
@@ -95,12 +100,18 @@ class LoraLinear(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
+    def __call__(self, x: jax.Array, adapter_ids: jax.Array | None = None) -> jax.Array:  # [..., in] -> [..., out]
+        """`adapter_ids` [B] (x is then [B, T, in]): each row's slot in the stacked adapter tables, used
+        only when the params hold them (model/adapter_stack.py; slot 0 = the base)."""
         in_features = x.shape[-1]
         kernel = self.param(
             "kernel", nn.initializers.lecun_normal(), (in_features, self.features), self.param_dtype
         )
         y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.has_variable("params", "kernel_scale"):  # int8 weight-only kernel (model/quant.py): per-column scale
+            y = y * self.get_variable("params", "kernel_scale").astype(self.dtype)  # [out]
+        if adapter_ids is not None and self.has_variable("params", STACK_A):
+            y = y + self._stacked_update(x, adapter_ids).astype(y.dtype)
         if self.lora is None:
             return y
         lora_a = self.variable(
@@ -110,6 +121,35 @@ class LoraLinear(nn.Module):
         x_adapter = nn.Dropout(self.lora.dropout)(x, deterministic=self.deterministic)
         update = jnp.dot(jnp.dot(x_adapter.astype(self.dtype), lora_a.astype(self.dtype)), lora_b.astype(self.dtype))
         return y + (self.lora.scale * update).astype(y.dtype)
+
+    def _stacked_update(self, x: jax.Array, adapter_ids: jax.Array) -> jax.Array:  # [B, T, in] -> [B, T, out]
+        """Each row's own adapter from the stacked tables (scale already folded into B).
+
+        Prefill (T > 1) or more slots than rows: gather each row's [in, R] / [R, out] slices, then two
+        thin batched matmuls. A decode step (T = 1) with N <= B slots: x times every slot's A at once
+        (one [B, in] x [in, N*R] matmul), zero the slots that are not the row's own, times every B
+        ([B, N*R] x [N*R, out]): it reads each table once instead of copying B slices of it, and the
+        zeroed products add exactly nothing. When every row is on the base (slot 0) nothing is computed
+        (`lax.cond`)."""
+        table_a = self.get_variable("params", STACK_A)  # [N, in, R]
+        table_b = self.get_variable("params", STACK_B)  # [N, R, out]
+        slots = table_a.shape[0]
+        x = x.astype(self.dtype)
+
+        def dense() -> jax.Array:
+            low = jnp.einsum("bti,nir->btnr", x, table_a.astype(self.dtype))
+            own = adapter_ids[:, None, None, None] == jnp.arange(slots)[None, None, :, None]  # [B, 1, N, 1]
+            return jnp.einsum("btnr,nro->bto", jnp.where(own, low, 0), table_b.astype(self.dtype))
+
+        def gathered() -> jax.Array:
+            row_a = jnp.take(table_a, adapter_ids, axis=0).astype(self.dtype)  # [B, in, R]
+            row_b = jnp.take(table_b, adapter_ids, axis=0).astype(self.dtype)  # [B, R, out]
+            return jnp.einsum("btr,bro->bto", jnp.einsum("bti,bir->btr", x, row_a), row_b)
+
+        update = dense if x.shape[1] == 1 and slots <= x.shape[0] else gathered
+        # Every row on the base (slot 0, zeros): skip the tables altogether.
+        zeros = lambda: jnp.zeros((*x.shape[:-1], table_b.shape[-1]), self.dtype)
+        return jax.lax.cond(jnp.any(adapter_ids != 0), update, zeros)
 
 
 # ===================================================================================== adapter trees
@@ -121,6 +161,10 @@ class LoraLinear(nn.Module):
 Adapter = dict  # the nested dict above; leaves are jax or numpy arrays
 
 LORA_A, LORA_B = "lora_a", "lora_b"
+# Several adapters at once (model/adapter_stack.py): per projection, params leaves [N, in, R] / [N, R, out]
+# (stacked over layers: [L, N, ...]) next to `kernel`, slot 0 the base (zeros).
+STACK_A, STACK_B = "lora_stack_a", "lora_stack_b"
+
 class AdapterError(ValueError):
     """An adapter file or tree that does not fit the model or LoRA config (the message says what differs)."""
 

@@ -63,6 +63,11 @@ PARAM_RULES: Rules = (
     (r"(q|k|v|gate|up)_proj/lora_b$", P(None, None, "tensor")),  # [L, r, out]
     (r"(o|down)_proj/lora_a$", P(None, "tensor", None)),  # [L, in, r]
     (r"(o|down)_proj/lora_b$", P(None, None, "fsdp")),  # [L, r, D]
+    # Stacked multi-adapter tables (adapter_stack.py), slot axis N after L, split like lora_a / lora_b.
+    (r"(q|k|v|gate|up)_proj/lora_stack_a$", P(None, None, "fsdp", None)),  # [L, N, D, R]
+    (r"(q|k|v|gate|up)_proj/lora_stack_b$", P(None, None, None, "tensor")),  # [L, N, R, out]
+    (r"(o|down)_proj/lora_stack_a$", P(None, None, "tensor", None)),  # [L, N, in, R]
+    (r"(o|down)_proj/lora_stack_b$", P(None, None, None, "fsdp")),  # [L, N, R, D]
     (r"norm/scale$", P()),  # [L, D] / [D]: tiny, replicated
 )
 # The KV cache (llama.KVCache), heads-major: rows over the batch axes, kv heads over "tensor".

@@ -14,18 +14,27 @@ whose automaton exceeds the state or memory budget, is a 400 naming the keyword 
 template LLaMA-E was tuned with instead: the last user message is the instruction and an optional
 `"input"` body field its input. Chat's default `max_tokens` is 512 (bounded by the context left).
 
+Several adapters on one base: `--adapter NAME=DIR` (repeatable) serves the unmerged base as
+`--model-name` and each adapter as NAME (listed by `/v1/models`, picked by a request's `model`, mixed
+row by row in one batch). With `--admin-key` and `--adapter-root`, `GET/POST /v1/adapters` and
+`DELETE /v1/adapters/{name}` list, load and remove adapters while serving (adapters.py).
+
 The modules, in the order a request meets them:
 
 - `app`      routes, auth, the body size cap, disconnect watching and deadlines, responses/SSE;
 - `protocol` request bodies and their validation (depth, Unicode, types, ranges), the error body;
 - `prompts`  templating and tokenizing (off the event loop, bounded), token budgets;
+- `adapters` the served model ids, and the guards of hot loading (admin key, adapter root);
 - `engine`   the batching engine: one thread owns the decoding session; `submit` from any thread;
+             adapter changes run on that thread between steps;
 - `cli`      the command line and `ServerThread`.
 
 Errors use OpenAI's body (`{"error": {"message", "type", "param", "code"}}`): 400 for malformed
 JSON, fields of the wrong type or range, unknown roles, unsupported options, prompts or `max_tokens`
-that do not fit the context; 401 for a missing or wrong bearer key (when `--api-key` is set); 404
-for an unknown model or path; 413 for a body over `--max-body-bytes`; 429 with `Retry-After` past
+that do not fit the context, an adapter that does not fit the base; 401 for a missing or wrong
+bearer key (`--api-key`; the admin key on /v1/adapters); 403 for hot loading when it is off or a
+path outside `--adapter-root`; 404 for an unknown model or path; 409 for a hot load whose name is
+taken; 413 for a body over `--max-body-bytes`; 429 with `Retry-After` past
 `--max-rows-per-request` (prompts × n) or `--max-queue` (rows waiting); 504 past
 `--request-timeout`. A client that disconnects frees its rows at the next decode chunk. Should a
 decode step itself fail, the requests in flight get a 500 and the engine starts a fresh session.

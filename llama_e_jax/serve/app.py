@@ -13,6 +13,10 @@ exchange cancels its engine requests, which frees their rows at the next chunk b
 
 `/docs` and `/openapi.json` are off unless `docs=True`, and then behind the key like `/v1`. `/health`
 (no key) reports the rows in use and waiting.
+
+Several adapters (a multi-adapter Generator): each is a `model` id next to the base, and a request's
+`model` becomes its rows' `Request.adapter`. `/v1/adapters` (GET, POST, DELETE) loads and removes
+them while serving, behind the admin key and inside `--adapter-root` (adapters.py says how).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request as HttpRequest
@@ -36,26 +41,32 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llama_e_jax import playground
 from llama_e_jax.generate import sampling
 from llama_e_jax.generate.session import GenerationError, Progress, Request, stable_text_end
+from llama_e_jax.model.lora import AdapterError
 from llama_e_jax.serve import prompts
+from llama_e_jax.serve.adapters import (AdapterInfo, ModelRegistry, check_adapter_name, check_admin_key,
+                                        read_adapter, resolve_inside)
 from llama_e_jax.serve.engine import BatchingEngine, QueueFull
-from llama_e_jax.serve.protocol import ApiError, ChatBody, CompletionBody, GenerationBody, parse_body, stop_strings
+from llama_e_jax.serve.protocol import (AdapterBody, ApiError, ChatBody, CompletionBody, GenerationBody,
+                                        parse_body, stop_strings)
 
 log = logging.getLogger(__name__)
 
 PREP_WORKERS = 2  # threads that parse and tokenize request bodies
 DOC_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+ADMIN_PATH = "/v1/adapters"  # behind the admin key, not the API key
 
 
 class _Served:
     """What the route handlers share: the engine, the generator and the serving options."""
 
-    def __init__(self, engine: BatchingEngine, model_name: str, api_key: str | None, template: str,
-                 max_rows_per_request: int, request_timeout_s: float, max_body_bytes: int) -> None:
+    def __init__(self, engine: BatchingEngine, api_key: str | None, template: str,
+                 max_rows_per_request: int, request_timeout_s: float, max_body_bytes: int,
+                 models: ModelRegistry, admin_key: str | None, adapter_root: Path | None) -> None:
         self.engine, self.generator = engine, engine.generator
-        self.model_name, self.api_key, self.template = model_name, api_key, template
+        self.api_key, self.template = api_key, template
         self.max_rows_per_request, self.request_timeout_s = max_rows_per_request, request_timeout_s
         self.max_body_bytes = max_body_bytes
-        self.created = int(time.time())
+        self.models, self.admin_key, self.adapter_root = models, admin_key, adapter_root
         self.prep_pool = concurrent.futures.ThreadPoolExecutor(PREP_WORKERS, thread_name_prefix="serve-prep")
 
     async def off_loop(self, function: Callable[..., Any], *args: Any) -> Any:
@@ -64,10 +75,24 @@ class _Served:
 
 def create_app(engine: BatchingEngine, *, model_name: str, api_key: str | None = None, template: str = "chat",
                start_engine: bool = True, max_rows_per_request: int = 64, request_timeout_s: float = 600.0,
-               max_body_bytes: int = 4 << 20, docs: bool = False) -> FastAPI:
-    """The FastAPI app; the engine thread runs while the app is served (lifespan) if `start_engine`."""
-    served = _Served(engine, model_name, api_key, template, max_rows_per_request, request_timeout_s,
-                     max_body_bytes)
+               max_body_bytes: int = 4 << 20, docs: bool = False,
+               adapter_infos: Mapping[str, AdapterInfo] | None = None, admin_key: str | None = None,
+               adapter_root: str | Path | None = None) -> FastAPI:
+    """The FastAPI app; the engine thread runs while the app is served (lifespan) if `start_engine`.
+
+    With a multi-adapter generator, the base is served as `model_name` and each adapter under its name
+    (`adapter_infos` describes those loaded at start; default: names only). `admin_key` enables the
+    /v1/adapters endpoints; POST loads only from inside `adapter_root`.
+    """
+    adapter_infos = adapter_infos or {}
+    unknown = set(adapter_infos) - set(engine.generator.adapter_names)
+    if unknown:
+        raise ValueError(f"adapter_infos names adapters the generator does not have: {sorted(unknown)}")
+    infos = {name: adapter_infos.get(name, AdapterInfo("", 0, (), int(time.time())))
+             for name in engine.generator.adapter_names}
+    served = _Served(engine, api_key, template, max_rows_per_request, request_timeout_s,
+                     max_body_bytes, ModelRegistry(model_name, infos), admin_key,
+                     None if adapter_root is None else Path(adapter_root))
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -92,17 +117,17 @@ def create_app(engine: BatchingEngine, *, model_name: str, api_key: str | None =
 
     @app.get("/v1/models")
     async def list_models() -> dict:
-        return {"object": "list", "data": [_model_card(served)]}
+        return {"object": "list", "data": [served.models.card(model) for model in served.models.ids()]}
 
     @app.get("/v1/models/{model_id}")
     async def get_model(model_id: str) -> dict:
-        _check_model(served, model_id)
-        return _model_card(served)
+        served.models.adapter_for(model_id)  # 404 if unknown
+        return served.models.card(model_id)
 
     @app.post("/v1/completions")
     async def completions(request: HttpRequest):
         body = await served.off_loop(parse_body, CompletionBody, await _read_body(served, request))
-        _check_model(served, body.model)
+        served.models.adapter_for(body.model)  # 404 before any tokenizing
         _check_rows(served, prompts.prompt_count(body.prompt) * body.n)
         prepared = await served.off_loop(prompts.prepare_completion, served.generator, engine, body)
         return await _respond(served, request, body, prepared, kind="text_completion")
@@ -110,13 +135,67 @@ def create_app(engine: BatchingEngine, *, model_name: str, api_key: str | None =
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HttpRequest):
         body = await served.off_loop(parse_body, ChatBody, await _read_body(served, request))
-        _check_model(served, body.model)
+        served.models.adapter_for(body.model)
         _check_rows(served, body.n)
         prepared = await served.off_loop(prompts.prepare_chat, served.generator, engine, body, served.template)
         return await _respond(served, request, body, prepared, kind="chat.completion")
 
+    _add_adapter_routes(app, served)
     playground.mount(app)  # the web page at / (llama_e_jax/playground/)
     return app
+
+
+# ============================================================================= hot loading
+
+
+def _add_adapter_routes(app: FastAPI, served: _Served) -> None:
+    def require_admin(request: HttpRequest) -> None:
+        check_admin_key(request.headers.get("authorization", ""), served.admin_key)
+        if not served.generator.multi_adapter:
+            raise ApiError(403, "hot loading is disabled: this server merged its adapter into the weights "
+                           "(serve adapters by name, --adapter NAME=DIR, to keep the base unmerged)",
+                           code="hot_loading_disabled")
+
+    @app.get(ADMIN_PATH)
+    async def list_adapters(request: HttpRequest) -> dict:
+        require_admin(request)
+        return {"object": "list", "data": [served.models.admin_card(name) for name in served.models.adapters]}
+
+    @app.post(ADMIN_PATH)
+    async def load_adapter(request: HttpRequest) -> dict:
+        require_admin(request)
+        body = await served.off_loop(parse_body, AdapterBody, await _read_body(served, request))
+        check_adapter_name(body.name)
+        directory = await served.off_loop(resolve_inside, served.adapter_root, body.path)  # 403/400 first
+        served.models.reserve(body.name)  # 409 on a clash; the name stays invisible until committed
+        try:
+            adapter, lora_config = await served.off_loop(read_adapter, directory, served.generator.config)
+            source, stack_before = str(directory), served.generator.stack_shape
+            future = served.engine.add_adapter(body.name, adapter, lora_config, source=source)
+            try:
+                await asyncio.wrap_future(future)
+            except (AdapterError, GenerationError) as error:
+                raise ApiError(400, str(error), param="path", code="invalid_adapter") from None
+            served.models.commit(body.name, AdapterInfo.of(source, lora_config))
+        finally:
+            served.models.release(body.name)
+        log.info("loaded adapter %r from %s", body.name, directory)
+        if served.generator.stack_shape != stack_before:
+            log.warning("adapter %r did not fit the adapter stack %s: it grew to %s, so the next steps recompile "
+                        "(size it with --max-adapters / --max-lora-rank)", body.name, stack_before,
+                        served.generator.stack_shape)
+        return served.models.admin_card(body.name)
+
+    @app.delete(ADMIN_PATH + "/{name}")
+    async def delete_adapter(name: str, request: HttpRequest) -> dict:
+        require_admin(request)
+        served.models.remove(name)  # hidden at once: later requests naming it get a 404
+        try:
+            await asyncio.wrap_future(served.engine.remove_adapter(name))
+        except GenerationError as error:
+            raise ApiError(404, str(error), code="model_not_found") from None
+        log.info("removed adapter %r", name)
+        return {"id": name, "object": "model", "deleted": True}
 
 
 # ============================================================================= guards
@@ -131,7 +210,9 @@ class _BearerAuth:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         path = scope.get("path", "")
-        if scope["type"] == "http" and self.api_key is not None and (path.startswith("/v1") or path in DOC_PATHS):
+        admin = path == ADMIN_PATH or path.startswith(ADMIN_PATH + "/")  # its own key, checked by its routes
+        if scope["type"] == "http" and self.api_key is not None and not admin and \
+                (path.startswith("/v1") or path in DOC_PATHS):
             header = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, key = header.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(key.strip(), self.api_key.encode()):
@@ -180,26 +261,16 @@ def _check_rows(served: _Served, rows: int) -> None:
                        param="n", code="rate_limit_exceeded", error_type="requests", headers={"Retry-After": "1"})
 
 
-def _model_card(served: _Served) -> dict:
-    return {"id": served.model_name, "object": "model", "created": served.created, "owned_by": "llama_e_jax"}
-
-
-def _check_model(served: _Served, model: str) -> None:
-    if model != served.model_name:
-        raise ApiError(404, f"The model '{model}' does not exist; this server serves '{served.model_name}'",
-                       param="model", code="model_not_found")
-
-
 # ============================================================================= running a request
 
 
-def _requests(body: GenerationBody, prepared: prompts.Prepared) -> list[Request]:
+def _requests(body: GenerationBody, prepared: prompts.Prepared, adapter: str | None) -> list[Request]:
     """One engine Request per (prompt, choice); choice j of a seeded request samples with (seed, j)."""
     sampler = sampling.from_openai(temperature=body.temperature, top_p=body.top_p)
     seed = body.seed if body.seed is not None else uuid.uuid4().int % 2**32
     stop = stop_strings(body.stop)
     return [Request(list(ids), prepared.max_tokens, sampler, stop, seed=seed, stream=choice,
-                    constraint=prepared.constraint)
+                    constraint=prepared.constraint, adapter=adapter)
             for ids in prepared.prompt_ids for choice in range(body.n)]
 
 
@@ -280,10 +351,11 @@ def _timeout(exchange: _Exchange) -> ApiError:
 
 async def _respond(served: _Served, http_request: HttpRequest, body: GenerationBody, prepared: prompts.Prepared,
                    kind: str):
-    requests = _requests(body, prepared)
+    # Checked again: the adapter may have been deleted while the prompt was prepared (then 404).
+    requests = _requests(body, prepared, served.models.adapter_for(body.model))
     prompt_tokens = sum(len(ids) for ids in prepared.prompt_ids)
     response_id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
-    header = {"id": response_id, "created": int(time.time()), "model": served.model_name}
+    header = {"id": response_id, "created": int(time.time()), "model": body.model}
     exchange = _Exchange(served, http_request, requests)  # 400/429 here, before any response
     if body.stream:
         chunks = _stream(header, kind, exchange, prompt_tokens, body)

@@ -2,6 +2,11 @@
 
 A model that cannot be loaded (a missing file, a truncated or wrong-shape adapter) is one
 `path: what is wrong` line on stderr and exit status 2, not a traceback.
+
+`--adapter DIR` (once) merges one adapter into the weights, the fastest way to serve it.
+`--adapter NAME=DIR` (repeatable) keeps the base unmerged and serves it under `--model-name` and each
+adapter under NAME, all in one batch; so does `--admin-key` (hot loading through /v1/adapters, from
+inside `--adapter-root`), even with no adapter at start.
 """
 
 from __future__ import annotations
@@ -13,14 +18,19 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
 
 from llama_e_jax.generate import speculative
 from llama_e_jax.generate.generator import GenerationError, Generator
+from llama_e_jax.io.adapters import load_any_adapter
 from llama_e_jax.io.default_model import enable_compilation_cache
-from llama_e_jax.io.load import ModelLoadError, load_model
+from llama_e_jax.io.load import LoadedModel, ModelLoadError, load_model
+from llama_e_jax.model import quant
+from llama_e_jax.model.lora import AdapterError
+from llama_e_jax.serve.adapters import AdapterInfo, parse_adapter_args
 from llama_e_jax.serve.app import create_app
 from llama_e_jax.serve.engine import BatchingEngine
 
@@ -68,7 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llama_e_jax.serve",
                                      description="An OpenAI-compatible HTTP server for a (LoRA-tuned) LLaMA.")
     parser.add_argument("--model", help="GGUF file, HF checkpoint dir or preset (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--adapter", help="LoRA adapter directory (ours or PEFT), merged into the weights")
+    parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
+                        help="LoRA adapter directory (ours or PEFT). DIR (once): merged into the weights, served as "
+                             "--model-name. NAME=DIR (repeatable): served as model NAME next to the base")
+    parser.add_argument("--max-adapters", type=int,
+                        help="adapter slots kept ready (default: max(4, adapters given)); more grow the stack")
+    parser.add_argument("--max-lora-rank", type=int,
+                        help="rank the adapter stack is padded to (default: largest given, at least 8)")
+    parser.add_argument("--admin-key", help="enables /v1/adapters (hot loading) behind 'Authorization: Bearer KEY'; "
+                                            "keep it apart from --api-key")
+    parser.add_argument("--adapter-root", help="the directory POST /v1/adapters may load from (nothing outside it)")
     parser.add_argument("--tokenizer", help="tokenizer dir or GGUF (default: from --model)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--model-name", default="llama-e", help="the id clients pass as `model`")
@@ -90,21 +109,56 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json (behind --api-key)")
     parser.add_argument("--no-warmup", action="store_true", help="skip compiling before accepting requests")
     speculative.add_arguments(parser)
+    quant.add_arguments(parser)
     return parser
+
+
+def _adapter_plan(args: argparse.Namespace) -> tuple[str | None, dict[str, str]]:
+    """(the adapter to merge, {name: directory} to serve unmerged); ValueError for flags that clash."""
+    merged, named = parse_adapter_args(args.adapter)
+    if args.admin_key is not None and args.admin_key == args.api_key:
+        raise ValueError("--admin-key: must differ from --api-key (every client holds the API key)")
+    if merged is not None and args.admin_key is not None:
+        raise ValueError(f"--adapter {merged}: hot loading (--admin-key) keeps the base unmerged: "
+                         f"name the adapter (--adapter NAME={merged})")
+    return merged, named
+
+
+def _read_named_adapters(named: dict[str, str], loaded: LoadedModel,
+                         model_name: str) -> tuple[dict, dict[str, AdapterInfo]]:
+    """{name: (tree, LoraConfig)} for `Generator(adapters=...)`, and what /v1/models says of each."""
+    adapters, infos = {}, {}
+    for name, directory in named.items():
+        if name == model_name:
+            raise ValueError(f"--adapter {name}={directory}: {name!r} is the base model's --model-name")
+        adapters[name] = load_any_adapter(directory, loaded.config)  # errors name the file and tensor
+        infos[name] = AdapterInfo.of(Path(directory).resolve(), adapters[name][1])
+    return adapters, infos
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        merged, named = _adapter_plan(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     enable_compilation_cache()
     try:
-        loaded = load_model(args.model, adapter=args.adapter, tokenizer=args.tokenizer, dtype=args.dtype)
+        loaded = load_model(args.model, adapter=merged, tokenizer=args.tokenizer, dtype=args.dtype)
+        multi = bool(named) or args.admin_key is not None
+        adapters, infos = _read_named_adapters(named, loaded, args.model_name) if multi else (None, {})
         generator = Generator(loaded.config, loaded.params, loaded.tokenizer, adapter=loaded.adapter,
-                              lora_config=loaded.lora_config, max_batch_size=args.max_batch_size,
-                              max_length=args.max_context, speculation=speculative.from_arguments(args))
-    except (ModelLoadError, GenerationError) as error:
+                              lora_config=loaded.lora_config, adapters=adapters, max_adapters=args.max_adapters,
+                              max_adapter_rank=args.max_lora_rank, max_batch_size=args.max_batch_size,
+                              max_length=args.max_context, speculation=speculative.from_arguments(args),
+                              weights=quant.from_arguments(args))
+    except (ModelLoadError, GenerationError, AdapterError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.admin_key is not None and args.adapter_root is None:
+        log.warning("--admin-key without --adapter-root: adapters can be deleted but not loaded")
     engine = BatchingEngine(generator, max_batch_size=args.max_batch_size, chunk_size=args.chunk_size,
                             batch_wait_s=args.batch_wait_ms / 1000, max_queue=args.max_queue)
     if not args.no_warmup:
@@ -115,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", args.host)
     app = create_app(engine, model_name=args.model_name, api_key=args.api_key, template=args.template,
                      max_rows_per_request=args.max_rows_per_request, request_timeout_s=args.request_timeout,
-                     max_body_bytes=args.max_body_bytes, docs=args.docs)
+                     max_body_bytes=args.max_body_bytes, docs=args.docs, adapter_infos=infos,
+                     admin_key=args.admin_key, adapter_root=args.adapter_root)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     return 0

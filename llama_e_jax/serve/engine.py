@@ -16,20 +16,29 @@ with every other thread is:
 - Progress goes back through each request's `on_update` callback, called on the engine thread.
 - `rows_in_use`, `queued_rows` and `idle` are snapshots the engine thread publishes under `_lock`
   after every step, for the caps, tests and logs.
+- Changing the generator's adapters (hot loading) is a command: `add_adapter` / `remove_adapter`
+  (any thread) queue it and return a `concurrent.futures.Future`; the engine thread runs it between
+  two steps, so no step ever sees a half-written adapter table and no request in flight is dropped.
+  A removal waits until no request still waiting for a row names the adapter (those were accepted
+  while it existed, so they run with it); rows already decoding with it finish with it (Generator).
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 from llama_e_jax.generate import sampling
 from llama_e_jax.generate.constraints import JSON_OBJECT_SCHEMA, Automaton, Budget
 from llama_e_jax.generate.generator import Generator
 from llama_e_jax.generate.guided import Guide, GuideCompiler
 from llama_e_jax.generate.session import GenerationError, Request
+from llama_e_jax.model.lora import Adapter, LoraConfig
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +82,7 @@ class BatchingEngine:
         self._waiting: collections.deque[Request] = collections.deque()  # guarded by _lock
         self._rows_in_use = 0  # guarded by _lock; published by the engine thread
         self._stopping = False  # guarded by _lock
+        self._commands: collections.deque[_Command] = collections.deque()  # guarded by _lock
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode chunks run (for tests and logs); written by the engine thread only
         self.max_rows_in_use = 0
@@ -133,6 +143,31 @@ class BatchingEngine:
         # A crude estimate: each batch of waiting rows takes about a second of decoding on a CPU.
         return max(1, -(-queued // self.max_batch_size))
 
+    def add_adapter(self, name: str, adapter: Adapter, lora_config: LoraConfig, *,
+                    source: str) -> concurrent.futures.Future:
+        """Adds an adapter between two steps (`Generator.add_adapter`, which validates it first and
+        changes nothing on error). The future's result is None, or the error (lora.AdapterError,
+        GenerationError for a name already present)."""
+        return self._command(lambda: self.generator.add_adapter(name, adapter, lora_config, source=source))
+
+    def remove_adapter(self, name: str) -> concurrent.futures.Future:
+        """Removes an adapter between two steps, once no waiting request names it; requests already
+        decoding with it finish with it. The future's error is GenerationError for an unknown name."""
+        return self._command(lambda: self.generator.remove_adapter(name), blocked_by=name)
+
+    def _command(self, function: Callable[[], Any], blocked_by: str | None = None) -> concurrent.futures.Future:
+        command = _Command(function, blocked_by)
+        with self._lock:
+            if self._stopping:
+                command.future.set_exception(RuntimeError("the engine is stopping"))
+                return command.future
+            self._commands.append(command)
+            running = self._thread is not None and self._thread.is_alive()
+            self._work.notify()
+        if not running:  # nobody steps the session (a test, or before `start`): run it here, now
+            self._run_commands()
+        return command.future
+
     def warmup(self) -> None:
         """Compiles prefill (one short prompt) and a decode chunk before serving (before `start`), and
         starts compiling the generic `json_object` automaton, the slowest common one, in the background."""
@@ -145,7 +180,7 @@ class BatchingEngine:
         self._thread.start()
 
     def stop(self) -> None:
-        """Cancels everything waiting or running and ends the thread."""
+        """Cancels everything waiting or running, fails the commands not yet run, ends the thread."""
         with self._lock:
             self._stopping = True
             for request in self._waiting:
@@ -153,6 +188,10 @@ class BatchingEngine:
             self._work.notify()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        with self._lock:
+            commands, self._commands = list(self._commands), collections.deque()
+        for command in commands:
+            command.future.set_exception(RuntimeError("the engine stopped before running this command"))
         self.guides.close()
 
     # ---------------------------------------------------------------- the engine thread
@@ -160,6 +199,9 @@ class BatchingEngine:
     def _loop(self) -> None:
         while self._wait_for_work():
             self._admit_waiting()
+            self._run_commands()
+            if not self._session.busy:
+                continue  # woken for a command only
             try:
                 self._session.step()
                 self.steps += 1
@@ -174,12 +216,14 @@ class BatchingEngine:
         """Returns False to stop. Idle: block for a first request, then give a burst `batch_wait_s`
         to arrive so that it is prefilled together."""
         with self._lock:
-            if self._session.busy and not self._stopping:
+            if (self._session.busy or self._commands) and not self._stopping:
                 return True
-            while not self._waiting and not self._stopping:
+            while not self._waiting and not self._commands and not self._stopping:
                 self._work.wait(timeout=0.5)
             if self._stopping:
                 return False
+            if not self._waiting:
+                return True  # a command: no burst to wait for
             deadline = time.monotonic() + self.batch_wait_s
             while len(self._waiting) < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
                 self._work.wait(timeout=left)
@@ -197,7 +241,34 @@ class BatchingEngine:
                 else:
                     admitted.append(request)
         for request in admitted:
-            self._session.submit(request)  # checked in submit(); the session checks again
+            try:
+                self._session.submit(request)  # checked in submit(); the session checks again
+            except GenerationError:  # cannot happen while removals wait for the waiting line; be safe
+                log.exception("a request accepted earlier no longer fits the session")
+                request.finish_reason = "error"
+                if request.on_update is not None:
+                    request.on_update(request.progress())
+
+    def _run_commands(self) -> None:
+        """Runs the queued commands in order (between steps); a removal still blocked by a waiting
+        request stays queued, and so does everything after it, keeping their order."""
+        while True:
+            with self._lock:
+                if not self._commands or self._blocked(self._commands[0]):
+                    return
+                command = self._commands.popleft()
+            try:
+                command.future.set_result(command.function())
+            except Exception as error:  # noqa: BLE001 - the caller gets it through the future
+                command.future.set_exception(error)
+
+    def _blocked(self, command: "_Command") -> bool:
+        """True while a request waiting for a row (here or in the session's queue) names the adapter
+        that `command` removes. Called under _lock."""
+        if command.blocked_by is None:
+            return False
+        waiting = list(self._waiting) + list(self._session.queue)
+        return any(r.adapter == command.blocked_by and not r.cancelled for r in waiting)
 
     def _publish(self) -> None:
         rows = sum(request is not None for request in self._session.rows)
@@ -224,5 +295,14 @@ class BatchingEngine:
             request.finish_reason = "cancelled"
             if request.on_update is not None:
                 request.on_update(request.progress())
+
+
+class _Command:
+    """A change to the generator, run on the engine thread between steps; `future` gets its result."""
+
+    def __init__(self, function: Callable[[], Any], blocked_by: str | None) -> None:
+        self.function, self.blocked_by = function, blocked_by
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+
 
 __all__ = ["BatchingEngine", "GenerationError", "QueueFull"]

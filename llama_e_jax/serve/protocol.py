@@ -112,6 +112,13 @@ UNSUPPORTED = (("frequency_penalty", 0), ("presence_penalty", 0), ("logit_bias",
                ("best_of", None), ("best_of", 1), ("suffix", None), ("echo", False))
 
 
+class AdapterBody(_Strict):
+    """POST /v1/adapters: serve the adapter in `path` (inside --adapter-root) as model `name`."""
+
+    name: str = Field(min_length=1, max_length=64)
+    path: str = Field(min_length=1, max_length=4096)
+
+
 def parse_body(body_type: type[_Strict], raw: bytes) -> Any:
     """The validated body, or an ApiError(400) naming what is wrong and where."""
     try:
