@@ -25,6 +25,7 @@ and 5.2 GB/s with XLA's default Eigen path (torch, 1 thread: 10 GB/s). Greedy ou
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -138,6 +139,14 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {key[6:]} | {ours['tokens_per_s']:.1f} | {hf['tokens_per_s']:.1f} ({hf['torch_threads']}) "
                          f"| {ours['tokens_per_s'] / hf['tokens_per_s']:.2f}x |")
     return "\n".join(lines)
+
+
+def report(result: dict[str, Any], table: str, json_path: str | None) -> int:
+    """The end of every CPU bench's main: the raw result to `json_path` (if given), the table to stdout."""
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=1))
+    print(table)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

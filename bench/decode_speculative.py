@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.decode_cpu import REPO_ROOT  # noqa: E402 (its import sets XLA_FLAGS for XNNPACK before JAX starts)
+from bench.decode_cpu import REPO_ROOT, report  # noqa: E402 (its import sets XLA_FLAGS for XNNPACK before JAX starts)
 
 HF_PROMPT_LOOKUP = 10  # transformers' documented example value for prompt_lookup_num_tokens
 
@@ -226,12 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = run(args.limit_per_task, args.new_tokens, tuple(int(b) for b in args.batch_sizes.split(",")),
                  tuple(int(k) for k in args.ks.split(",")), args.repeats)
-    if args.json:
-        import json
-
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    print(markdown(result))
-    return 0
+    return report(result, markdown(result), args.json)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.decode_cpu import REPO_ROOT  # noqa: E402
+from bench.decode_cpu import REPO_ROOT, report  # noqa: E402
 from bench.decode_speculative import mixed_records  # noqa: E402
 
 HF_SCRIPT = r'''
@@ -139,10 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the raw result here")
     args = parser.parse_args(argv)
     result = run(args.prompts, args.new_tokens, args.variants, args.torch_threads)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    print(markdown(result))
-    return 0
+    return report(result, markdown(result), args.json)
 
 
 if __name__ == "__main__":

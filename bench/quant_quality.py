@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.decode_cpu import REPO_ROOT  # noqa: E402,F401 (its import sets XLA_FLAGS for XNNPACK before JAX starts)
+from bench.decode_cpu import REPO_ROOT, report  # noqa: E402,F401 (its import sets XLA_FLAGS for XNNPACK before JAX starts)
 from bench.decode_speculative import test_records  # noqa: E402
 
 
@@ -145,12 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the raw result here")
     args = parser.parse_args(argv)
     result = run(args.limit_per_task, args.new_tokens, tuple(args.modes.split(",")))
-    if args.json:
-        import json
-
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    print(markdown(result))
-    return 0
+    return report(result, markdown(result), args.json)
 
 
 if __name__ == "__main__":
