@@ -17,7 +17,14 @@ default thread count.
 
 Each side runs in its own child process, so the reported peak memory (the child's peak resident
 set, `ru_maxrss`, weights included) is its own and neither inherits the other's thread pools. The
-machine may be shared: the load average at the start is recorded with the result.
+machine may be shared: the load average at the start is recorded with the result, and so is the
+CPU time per step (user + system of the child over the timed steps), which other processes on the
+machine disturb far less than wall time.
+
+`--threads N` pins each child to the first N cores it may use (`sched_setaffinity`; XLA:CPU sizes its
+thread pool from the affinity mask) and sets torch's intra-op threads to N, so that an A/B on a shared
+machine compares equal compute on both sides. `--side ours` skips the alternative (quick A/B of a
+change to our step).
 """
 
 from __future__ import annotations
@@ -44,14 +51,28 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process so far (all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _pin_threads(threads: int | None) -> None:
+    """Restrict this process to `threads` of its allowed cores (before JAX or torch start their pools)."""
+    if threads:
+        allowed = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, allowed[:threads])
+
+
 def _random_batch(batch: int, seq: int, vocab: int, seed: int = 0):
     import numpy as np
 
     return np.random.default_rng(seed).integers(3, vocab, (batch, seq + 1)).astype(np.int32)  # [B, T + 1]
 
 
-def measure_ours(batch: int, seq: int, steps: int) -> dict[str, Any]:
+def measure_ours(batch: int, seq: int, steps: int, threads: int | None = None) -> dict[str, Any]:
     """Our training step on the default model (runs in the calling process)."""
+    _pin_threads(threads)
     import jax
     import ml_collections
     import numpy as np
@@ -81,20 +102,26 @@ def measure_ours(batch: int, seq: int, steps: int) -> dict[str, Any]:
     state, metrics = trainer.step(state, base, device_batch, 0)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - started
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
     for step in range(1, steps + 1):
         state, metrics = trainer.step(state, base, device_batch, step)
     jax.block_until_ready(metrics)
     seconds = (time.perf_counter() - started) / steps
     return {"tokens_per_s": batch * seq / seconds, "step_s": seconds, "peak_rss_mib": _peak_rss_mib(),
-            "compile_s": compile_s, "loss": float(metrics["loss"])}
+            "cpu_s_per_step": (_cpu_seconds() - cpu_started) / steps, "compile_s": compile_s,
+            "loss": float(metrics["loss"]), "threads": len(os.sched_getaffinity(0)),
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
-def measure_hf_peft(batch: int, seq: int, steps: int) -> dict[str, Any]:
+def measure_hf_peft(batch: int, seq: int, steps: int, threads: int | None = None) -> dict[str, Any]:
     """The same step with transformers + peft (runs in the calling process)."""
+    _pin_threads(threads)
     import peft
     import torch
     import transformers
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from llama_e_jax.io.default_model import ensure_default_hf_dir
 
@@ -116,17 +143,18 @@ def measure_hf_peft(batch: int, seq: int, steps: int) -> dict[str, Any]:
         return float(loss)
 
     step()  # warm-up
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
     for _ in range(steps):
         loss = step()
     seconds = (time.perf_counter() - started) / steps
     return {"tokens_per_s": batch * seq / seconds, "step_s": seconds, "peak_rss_mib": _peak_rss_mib(),
-            "loss": loss, "torch_threads": torch.get_num_threads()}
+            "cpu_s_per_step": (_cpu_seconds() - cpu_started) / steps, "loss": loss,
+            "torch_threads": torch.get_num_threads()}
 
 
-def _in_child(side: str, batch: int, seq: int, steps: int) -> dict[str, Any]:
+def _in_child(side: str, batch: int, seq: int, steps: int, threads: int | None) -> dict[str, Any]:
     code = (f"import json, sys; sys.path.insert(0, {str(REPO_ROOT)!r}); import bench.train_cpu as b; "
-            f"print('RESULT ' + json.dumps(b.measure_{side}({batch}, {seq}, {steps})))")
+            f"print('RESULT ' + json.dumps(b.measure_{side}({batch}, {seq}, {steps}, {threads})))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -134,18 +162,24 @@ def _in_child(side: str, batch: int, seq: int, steps: int) -> dict[str, Any]:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def run(batch: int = 4, seq: int = 256, steps: int = 3) -> dict[str, Any]:
-    """Both sides, each in a child process; ratios are ours / HF (tokens/s) and ours / HF (peak RSS)."""
+def run(batch: int = 4, seq: int = 256, steps: int = 3, threads: int | None = None,
+        side: str = "both") -> dict[str, Any]:
+    """Both sides, each in a child process; ratios are ours / HF (tokens/s) and ours / HF (peak RSS).
+
+    `side` "ours" or "hf_peft" measures only that one (no ratios)."""
     load = os.getloadavg()
-    ours = _in_child("ours", batch, seq, steps)
-    hf = _in_child("hf_peft", batch, seq, steps)
-    return {
-        "preset": "smollm2_135m", "batch": batch, "seq_len": seq, "steps": steps,
-        "ours": ours, "hf_peft": hf,
-        "speedup_tokens_per_s": ours["tokens_per_s"] / hf["tokens_per_s"],
-        "peak_rss_ratio": ours["peak_rss_mib"] / hf["peak_rss_mib"],
-        "load_average_at_start": load, "cores": len(os.sched_getaffinity(0)),
-    }
+    result: dict[str, Any] = {"preset": "smollm2_135m", "batch": batch, "seq_len": seq, "steps": steps,
+                              "threads": threads, "load_average_at_start": load,
+                              "cores": threads or len(os.sched_getaffinity(0))}
+    for name in ("ours", "hf_peft"):
+        if side in ("both", name):
+            result[name] = _in_child(name, batch, seq, steps, threads)
+    if side == "both":
+        ours, hf = result["ours"], result["hf_peft"]
+        result["speedup_tokens_per_s"] = ours["tokens_per_s"] / hf["tokens_per_s"]
+        result["peak_rss_ratio"] = ours["peak_rss_mib"] / hf["peak_rss_mib"]
+        result["cpu_s_per_step_ratio"] = ours["cpu_s_per_step"] / hf["cpu_s_per_step"]
+    return result
 
 
 def markdown_row(result: dict[str, Any]) -> str:
@@ -161,11 +195,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="cores per side (default: all allowed)")
+    parser.add_argument("--side", choices=("both", "ours", "hf_peft"), default="both")
     args = parser.parse_args()
-    result = run(args.batch, args.seq, args.steps)
-    print("| benchmark | ours | HF transformers + peft | tokens/s ours/HF | peak memory ours/HF |")
-    print("|---|---|---|---|---|")
-    print(markdown_row(result))
+    result = run(args.batch, args.seq, args.steps, args.threads, args.side)
+    if args.side == "both":
+        print("| benchmark | ours | HF transformers + peft | tokens/s ours/HF | peak memory ours/HF |")
+        print("|---|---|---|---|---|")
+        print(markdown_row(result))
     print(json.dumps(result, indent=2))
 
 

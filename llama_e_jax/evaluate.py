@@ -108,10 +108,15 @@ ZERO_SHOT_OPTIONS_LINE = "\nCandidates: {options}"
 # ===================================================================================== records
 
 
+def id_hash(record: InstructionRecord) -> int:
+    """The first 4 bytes of sha256(record id), big-endian: a per-record number no file order changes."""
+    return int.from_bytes(hashlib.sha256(record.id.encode("utf-8")).digest()[:4], "big")
+
+
 def zero_shot_record(record: InstructionRecord) -> InstructionRecord:
     """The record with its instruction replaced by a paraphrase of its task (deterministic by id)."""
     choices = ZERO_SHOT_INSTRUCTIONS[record.task]
-    index = int.from_bytes(hashlib.sha256(record.id.encode("utf-8")).digest()[:4], "big") % len(choices)
+    index = id_hash(record) % len(choices)
     instruction = choices[index]
     if record.options and not all(option in record.input for option in record.options):
         instruction += ZERO_SHOT_OPTIONS_LINE.format(options=" | ".join(record.options))
@@ -127,18 +132,21 @@ def view_records(records: Sequence[InstructionRecord], view: str) -> list[Instru
 
 
 def limit_per_task(records: Sequence[InstructionRecord], limit: int | None) -> list[InstructionRecord]:
-    """The first `limit` records of each task, in input order (all when limit is None)."""
+    """`limit` records of each task (all when limit is None): those whose ids hash lowest, in input order.
+
+    A hash sample rather than the first N: imported test files are grouped by source (all of ePQA
+    before hetPQA, IntentionQA task 1 before task 2), so the first N would measure one source only.
+    The hash is the zero-shot paraphrase's (`id_hash`), so a sample does not depend on the file order.
+    """
     if limit is None:
         return list(records)
     if limit < 1:
         raise ValueError(f"--limit-per-task must be >= 1, got {limit}")
-    taken: dict[str, int] = {}
-    kept = []
+    by_task: dict[str, list[InstructionRecord]] = {}
     for record in records:
-        if taken.get(record.task, 0) < limit:
-            taken[record.task] = taken.get(record.task, 0) + 1
-            kept.append(record)
-    return kept
+        by_task.setdefault(record.task, []).append(record)
+    kept = {id(r) for task_records in by_task.values() for r in sorted(task_records, key=id_hash)[:limit]}
+    return [record for record in records if id(record) in kept]
 
 
 def candidate_labels(record: InstructionRecord) -> tuple[str, ...]:
@@ -410,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--split", default="test", help="tfds split (train, validation, test)")
     data.add_argument("--tfds-config", default="seed", help="llama_e_instructions config: seed or seed_expanded")
     data.add_argument("--data-dir", default=None, help="tfds data dir (default $LLAMA_E_CACHE/tensorflow_datasets)")
-    data.add_argument("--limit-per-task", type=int, default=None, help="evaluate the first N records of each task")
+    data.add_argument("--limit-per-task", type=int, default=None, help="evaluate N records of each task, sampled by id hash")
     model = parser.add_argument_group("model")
     model.add_argument("--model", help="GGUF file, HF checkpoint dir, or preset name (random weights); "
                                        "default: the embedded SmolLM2-135M-Instruct")
@@ -430,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     speculative.add_arguments(gen)
     parser.add_argument("--views", default=",".join(VIEWS), help="comma-separated: standard, zero_shot")
     parser.add_argument("--no-perplexity", action="store_true", help="skip the reference perplexity pass")
+    parser.add_argument("--no-ranking", action="store_true",
+                        help="label tasks: skip ranking the candidates by log-likelihood (one forward pass per "
+                             "candidate, the slowest part on a CPU)")
     parser.add_argument("--unconstrained", action="store_true",
                         help="label tasks: decode freely (Acc) and report choice-constrained decoding beside it "
                              "(Constr. Acc); default: constrained to the candidates (Acc = Constr. Acc)")
@@ -470,8 +481,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     started = time.perf_counter()
-    options = EvalOptions(views=views, perplexity=not args.no_perplexity, generation=settings,
-                          constrained=not args.unconstrained)
+    options = EvalOptions(views=views, perplexity=not args.no_perplexity, option_scoring=not args.no_ranking,
+                          generation=settings, constrained=not args.unconstrained)
     results, rows = evaluate(config, params, tokenizer, systems, records, options)
     out_dir = Path(args.out_dir or Path("runs", "eval", datetime.datetime.now(datetime.timezone.utc)
                                         .strftime("%Y%m%dT%H%M%SZ")))  # relative to the working directory

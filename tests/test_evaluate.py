@@ -87,9 +87,15 @@ def test_zero_shot_lists_candidates_only_when_the_input_does_not():
     assert "Candidates:" not in evaluate.zero_shot_record(SMALL_RECORDS[0]).instruction
 
 
-def test_limit_per_task_keeps_first_records_of_each_task():
-    kept = evaluate.limit_per_task(SMALL_RECORDS, 1)
-    assert [r.id for r in kept] == ["ads-1", "title-1", "cls-1", "intent-1", "qa-1"]
+def test_limit_per_task_samples_by_id_hash_whatever_the_file_order():
+    many = [record(f"qa-{i}", "general_qa", "a", "Answer.", "q") for i in range(40)]
+    many += [record(f"ads-{i}", "ads_generation", "a", "Write.", "p") for i in range(3)]
+    kept = evaluate.limit_per_task(many, 5)
+    assert [r.task for r in kept].count("general_qa") == 5 and [r.task for r in kept].count("ads_generation") == 3
+    assert [r.id for r in kept if r.task == "general_qa"] != [f"qa-{i}" for i in range(5)]  # not the first five
+    assert evaluate.limit_per_task(many[::-1], 5) == kept[::-1]  # the same records, in input order
+    assert all(evaluate.id_hash(r) <= evaluate.id_hash(o) for r in kept if r.task == "general_qa"
+               for o in many if o.task == "general_qa" and o not in kept)
     assert evaluate.limit_per_task(SMALL_RECORDS, None) == SMALL_RECORDS
     with pytest.raises(ValueError, match="--limit-per-task"):
         evaluate.limit_per_task(SMALL_RECORDS, 0)

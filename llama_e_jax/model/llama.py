@@ -8,7 +8,10 @@ Design choices and why:
 * Rematerialisation is a config choice (`remat_policy`), applied to the block before scanning.
 * Without a cache, attention goes through `jax.nn.dot_product_attention`, so GPUs get cuDNN flash
   attention for plain causal batches; packed sequences (segment ids) and KV caches use an explicit
-  boolean mask built from positions and segment ids, which is exact for both.
+  boolean mask built from positions and segment ids, which is exact for both. On CPU the same
+  attention runs heads-major instead (the cache's layout, `_cached_attention`): XLA:CPU copied the
+  [B, K, T, G, S] scores of dot_product_attention's GQA layout several times per layer under
+  autodiff (issue 15).
 * Rotary embeddings use HF's rotate-half layout (checkpoints load without permutation), with
   `rope_theta` and Llama-3 / linear `rope_scaling` from the config.
 * One forward pass for training, prefill and decoding. With a `KVCache`, the call writes the new
@@ -252,6 +255,8 @@ class Attention(nn.Module):
         if cache_kv is not None:
             cache_kv = _write_cache(cache_kv, k, v, context.cache_slots)
             out = _cached_attention(q, *cache_kv, context.mask)
+        elif _heads_major_training_attention(c, context.mask):
+            out = _uncached_heads_major_attention(q, k, v, context.mask)  # [B, T, H, Dh]
         else:
             out = jax.nn.dot_product_attention(
                 q, k.astype(q.dtype), v.astype(q.dtype),
@@ -305,6 +310,34 @@ def _cached_attention(
     out = jnp.einsum("bkqs,bksd->bkqd", probs, values).reshape(batch, num_kv_heads, length, group, head_dim)
     out = out.transpose(0, 2, 1, 3, 4)  # [B, T, K, G, Dh]
     return out.reshape(batch, length, num_heads, head_dim).astype(q.dtype)
+
+
+def _heads_major_training_attention(config: LlamaConfig, mask: jax.Array | None) -> bool:
+    """Whether attention without a cache takes the heads-major path: on CPU, where XLA would run it.
+
+    jax.nn.dot_product_attention's XLA path lays GQA scores out as [B, K, T, G, S] and, under autodiff,
+    transposes (copies) them and the probabilities several times per layer: in a CPU training step
+    (SmolLM2, 4 x 256) those copies cost more than the attention matmuls themselves (issue 15). The
+    heads-major formulation keeps every matmul in dot_general's natural order. Other backends keep
+    jax.nn.dot_product_attention (cuDNN on GPU, XLA's own choices on TPU), unmeasured otherwise."""
+    return jax.default_backend() == "cpu" and _attention_implementation(config, mask) == "xla"
+
+
+def _uncached_heads_major_attention(
+    q: jax.Array,  # [B, T, H, Dh]
+    k: jax.Array,  # [B, T, K, Dh]
+    v: jax.Array,  # [B, T, K, Dh]
+    mask: jax.Array | None,  # [B, 1, T, T] or None (plain causal)
+) -> jax.Array:  # [B, T, H, Dh]
+    """Training attention through `_cached_attention` (same fp32 logits and softmax as the XLA path):
+    keys and values moved heads-major once ([B, K, T, Dh], small copies), the causal mask built when
+    none is given."""
+    if mask is None:
+        length = q.shape[1]
+        mask = jnp.tril(jnp.ones((length, length), jnp.bool_))[None, None]  # [1, 1, T, T]
+        mask = jnp.broadcast_to(mask, (q.shape[0], 1, length, length))
+    keys, values = (x.astype(q.dtype).transpose(0, 2, 1, 3) for x in (k, v))
+    return _cached_attention(q, keys, values, mask)
 
 
 class MLP(nn.Module):
