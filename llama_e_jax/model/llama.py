@@ -255,7 +255,7 @@ class Attention(nn.Module):
         if cache_kv is not None:
             cache_kv = _write_cache(cache_kv, k, v, context.cache_slots)
             out = _cached_attention(q, *cache_kv, context.mask)
-        elif _heads_major_training_attention(c, context.mask):
+        elif _heads_major_without_cache(c, context.mask):
             out = _uncached_heads_major_attention(q, k, v, context.mask)  # [B, T, H, Dh]
         else:
             out = jax.nn.dot_product_attention(
@@ -312,8 +312,9 @@ def _cached_attention(
     return out.reshape(batch, length, num_heads, head_dim).astype(q.dtype)
 
 
-def _heads_major_training_attention(config: LlamaConfig, mask: jax.Array | None) -> bool:
-    """Whether attention without a cache takes the heads-major path: on CPU, where XLA would run it.
+def _heads_major_without_cache(config: LlamaConfig, mask: jax.Array | None) -> bool:
+    """Whether attention without a cache (training, scoring, perplexity) goes heads-major: on CPU,
+    where XLA would run it.
 
     jax.nn.dot_product_attention's XLA path lays GQA scores out as [B, K, T, G, S] and, under autodiff,
     transposes (copies) them and the probabilities several times per layer: in a CPU training step
