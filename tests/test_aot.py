@@ -129,33 +129,34 @@ def test_fit_check_rejects_a_batch_the_mesh_cannot_split(tmp_path):
 
 
 def test_flop_accounting_matches_the_unrolled_compile_and_the_hand_count(tmp_path):
-    """The fit check's FLOP count on a 2-layer model (LLaMA-2 proportions, narrow; full remat) for 1 and 4
-    rows per chip at 2 sequence lengths, against the unrolled compile and the hand count.
+    """The fit check's FLOP count on a 2-layer model (LLaMA-2 proportions, narrow; full remat) at 1 row x 128
+    tokens and 4 rows x 256 tokens per chip, against the unrolled compile and the hand count.
 
     This is the check that was missing when rows above 512 tokens per chip came out 3x low (issue 18):
     there the count came from the scanned program, whose loops XLA counts once. Here the count for 2
     layers is the unrolled (loop-free) 2-layer compile, and:
     * the scanned step's own count is well below it: XLA counts its layer loop once, hence the unrolling;
     * it matches roofline.train_flops within roofline.FLOP_TOLERANCE (10 %, the bound the fit table holds
-      its rows to), at 2 and 3 layers and extrapolated to 8: the hand count leaves out elementwise work
-      (norms, softmax, rotary, the optimizer: O(d) or O(T) per token against O(d²) and O(T·d) matmuls, a
-      few % at width 256), and XLA merges the last layer's recomputation with its forward in
-      straight-line code (one layer's forward out of 2-8 layers' forward, backward and recomputation).
+      its rows to), at 2 and 3 layers and extrapolated to 8, at both shapes (so in rows and in length):
+      the hand count leaves out elementwise work (norms, softmax, rotary, the optimizer: O(d) or O(T) per
+      token against O(d²) and O(T·d) matmuls, a few % at width 256), and XLA merges the last layer's
+      recomputation with its forward in straight-line code (one layer's forward out of 2-8 layers'
+      forward, backward and recomputation).
+    * 4 rows of twice the length cost more than 8x one row's count (attention grows with length).
     """
     python = tpu_python()
     proc = subprocess.run([python, str(REPO / "tests" / "flop_accounting_probe.py")], cwd=REPO,
                           env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=3000)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cases = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert {(c["rows"], c["seq"]) for c in cases} == {(1, 128), (4, 128), (1, 256), (4, 256)}
+    assert [(c["rows"], c["seq"]) for c in cases] == [(1, 128), (4, 256)]
+    assert cases[0]["scanned_2"] < 0.9 * cases[0]["counted_2"]  # the scanned program's own count misses a layer
     for c in cases:
         label = f"{c['rows']} rows x {c['seq']}"
-        assert c["scanned_2"] < 0.9 * c["counted_2"], label  # the scanned program's own count misses a layer
         for layers in (2, 3, 8):
             assert c[f"counted_{layers}"] == pytest.approx(c[f"analytic_{layers}"], rel=roofline.FLOP_TOLERANCE), \
                 (label, layers)
-    by_shape = {(c["rows"], c["seq"]): c["counted_8"] for c in cases}
-    assert by_shape[(4, 128)] == pytest.approx(4 * by_shape[(1, 128)], rel=0.02)  # FLOPs scale with rows
+    assert cases[1]["counted_8"] > 8 * cases[0]["counted_8"]
 
 
 def test_roofline_predicts_the_measured_h200_step_and_never_exceeds_peak():

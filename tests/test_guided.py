@@ -16,6 +16,7 @@ What is checked, and how:
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import jax.numpy as jnp
@@ -85,9 +86,12 @@ def test_choices_must_be_a_list(bad):
 def test_compiler_caches_and_names_its_time_limit():
     compiler = guided.GuideCompiler(BYTES, eos_ids=(2,), vocab_size=256, processes=False, time_limit_s=0.0)
     guide = guided.Guide.choices(["alpha", "beta"])
+    gate = threading.Event()
+    compiler._pool.submit(gate.wait)  # the one worker is busy, so the compile cannot end within the wait
     try:
         with pytest.raises(C.ConstraintError, match="time limit of 0 s"):
-            compiler.compile(guide)  # a zero wait always runs out: nothing is cached yet
+            compiler.compile(guide)
+        gate.set()
         deadline = time.monotonic() + 60
         while guide not in compiler._cache and time.monotonic() < deadline:  # the compile finishes anyway
             time.sleep(0.01)
@@ -97,6 +101,7 @@ def test_compiler_caches_and_names_its_time_limit():
             compiler.time_limit_s = 60.0
             compiler.compile(guided.Guide.json_schema({"type": "integer", "minimum": 3}))
     finally:
+        gate.set()
         compiler.close()
 
 

@@ -265,7 +265,12 @@ class Generator:
         constraints: Sequence[Automaton | None] | None = None,
         adapters: Sequence[str | None] | None = None,
     ) -> list[Completion]:
-        """`generate` for prompts given as token ids."""
+        """`generate` for prompts given as token ids.
+
+        The prompts enter the batch shortest first: rows admitted together are padded to their longest
+        prompt, and similar lengths pad least. Results keep the given order, and prompt i samples with
+        its own key (seed, i) whatever its place in the batch.
+        """
         if not prompt_ids:
             return []
         constraints = [None] * len(prompt_ids) if constraints is None else constraints
@@ -287,7 +292,7 @@ class Generator:
                 session.check(seq)
             except GenerationError as error:
                 raise GenerationError(f"prompt {i}: {error}") from None
-        session.run(sequences)
+        session.run(sorted(sequences, key=lambda seq: len(seq.prompt_ids)))
         return [seq.completion() for seq in sequences]
 
 
