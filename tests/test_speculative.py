@@ -265,18 +265,17 @@ def _pooled_chi_square(observed: np.ndarray, expected: np.ndarray) -> tuple[floa
     return float(((obs - exp) ** 2 / np.maximum(exp, 1e-12)).sum()), int(big.sum())
 
 
+@functools.partial(jax.jit, static_argnames="config")
+def _last_logits(config, weights, ids):  # [N, T] -> [N, V] at the last position; compiled once per shape
+    return Llama(config, layer_loop="unroll").apply({"params": weights}, ids)[:, -1]
+
+
 def _exact_two_token_distribution(config, weights, prompt, temperature) -> np.ndarray:
     """P(first, second) [V, V] by teacher forcing every first token (second = EOS if first is EOS)."""
-    model = Llama(config, layer_loop="unroll")
-
-    @jax.jit
-    def logits_of(ids):  # [N, T] -> [N, V] at the last position
-        return model.apply({"params": weights}, ids)[:, -1]
-
     vocab = config.vocab_size
-    first = jax.nn.softmax(logits_of(jnp.asarray([prompt], jnp.int32))[0] / temperature)
+    first = jax.nn.softmax(_last_logits(config, weights, jnp.asarray([prompt], jnp.int32))[0] / temperature)
     ids = jnp.asarray([prompt + [t] for t in range(vocab)], jnp.int32)
-    second = jax.nn.softmax(logits_of(ids) / temperature, axis=-1)  # [V, V]
+    second = jax.nn.softmax(_last_logits(config, weights, ids) / temperature, axis=-1)  # [V, V]
     joint = np.asarray(first)[:, None] * np.asarray(second)
     joint[EOS] = 0.0
     joint[EOS, EOS] = float(first[EOS])
