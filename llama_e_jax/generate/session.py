@@ -237,10 +237,14 @@ class DecodeSession:
         return sum(seq is None for seq in self.rows)
 
     @property
-    def busy(self) -> bool:
+    def waiting(self) -> bool:
+        """Whether requests are queued for a free row."""
         with self._lock:
-            queued = bool(self.queue)
-        return queued or any(seq is not None for seq in self.rows)
+            return bool(self.queue)
+
+    @property
+    def busy(self) -> bool:
+        return self.waiting or any(seq is not None for seq in self.rows)
 
     def check(self, seq: Request) -> None:
         """Raises GenerationError if `seq` can never run in this session."""
@@ -295,9 +299,7 @@ class DecodeSession:
         self.rows_in_last_chunk = sum(seq is not None for seq in self.rows)
         if not self.rows_in_last_chunk:
             return
-        with self._lock:
-            waiting = bool(self.queue)
-        chunk_size = min(self.chunk_size, REFILL_CHUNK) if waiting else self.chunk_size
+        chunk_size = min(self.chunk_size, REFILL_CHUNK) if self.waiting else self.chunk_size
         state, emitted = decode_chunk(self.generator.config, self.generator.weights, self.state, chunk_size,
                                       self.generator.speculation.for_rows(self.rows_in_last_chunk))
         self.state = state
