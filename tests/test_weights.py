@@ -370,6 +370,23 @@ def test_load_model_reads_every_source_the_same_way(tmp_path, tiny_config, tiny_
     assert_trees_identical(load_model("tiny").params, preset.params)
 
 
+def test_default_model_loads_from_its_converted_copy_exactly_as_from_the_gguf(smollm2_gguf, smollm2_params):
+    """load_model() reads the converted HF copy (fast start): same config, same params, same token ids."""
+    from llama_e_jax.io.tokenizer import load_tokenizer
+
+    gguf_config, gguf_params = smollm2_params
+    loaded = load_model()
+    assert loaded.config == gguf_config
+    assert_trees_identical(loaded.params, gguf_params)
+    gguf_tokenizer = load_tokenizer(smollm2_gguf)
+    text = "Rewrite: Nike Air Zoom 39, men's 45% off! <|im_start|>user\n日本語 🙂<|im_end|>"
+    assert loaded.tokenizer.encode(text) == gguf_tokenizer.encode(text)
+    assert loaded.tokenizer.chat_template == gguf_tokenizer.chat_template
+    assert (loaded.tokenizer.bos_id, loaded.tokenizer.eos_id, loaded.tokenizer.pad_id, loaded.tokenizer.add_bos) == (
+        gguf_tokenizer.bos_id, gguf_tokenizer.eos_id, gguf_tokenizer.pad_id, gguf_tokenizer.add_bos)
+    assert (Path(loaded.tokenizer_source) / "tokenizer.json").is_file()  # exports copy real files
+
+
 @pytest.mark.parametrize("adapter_format", ["ours", "peft"])
 def test_load_model_returns_the_adapter_unmerged(tmp_path, tiny_config, tiny_params, adapter_format):
     config = tiny_config("gqa")

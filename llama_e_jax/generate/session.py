@@ -203,6 +203,17 @@ def make_admission(
     )
 
 
+def power_of_two_parts(count: int) -> list[int]:
+    """`count` as a sum of distinct powers of two, largest first (7 -> [4, 2, 1]).
+
+    An admission of 7 prompts is prefilled as three calls of 4, 2 and 1 rows instead of one of 8
+    (prefill row counts are powers of two, so that few shapes are compiled): no row of the prefill
+    is padding. Each extra call reads the weights once more (~40 ms for the 135M model on CPU), a
+    padding row of a 192-token prompt costs ~0.4 s (docs/benchmarks.md, end to end).
+    """
+    return [1 << bit for bit in reversed(range(count.bit_length())) if count >> bit & 1]
+
+
 # ============================================================================= host side: a session
 
 # Decode steps per chunk while requests wait for a free row (docs/benchmarks.md, end to end: 80 test-split
@@ -329,9 +340,13 @@ class DecodeSession:
         initial, tables, remap = self.guides.admit(running, [seq.constraint for seq in group])
         if tables is not None:  # new automata: re-packed tables (same shapes unless they outgrew them)
             self.state = self.state.replace(tables=tables, constraint=remap_states(self.state.constraint, remap))
-        admission = make_admission(group, free[:len(group)], self.batch_size, self.max_length,
-                                   self.generator.tokenizer.encode, initial)
-        self.state = prefill(self.generator.config, self.generator.weights, self.state, admission)
+        start = 0
+        for size in power_of_two_parts(len(group)):
+            part = slice(start, start + size)
+            admission = make_admission(group[part], free[part], self.batch_size, self.max_length,
+                                       self.generator.tokenizer.encode, initial[part])
+            self.state = prefill(self.generator.config, self.generator.weights, self.state, admission)
+            start += size
         for seq, row in zip(group, free):
             self.rows[row] = seq
 

@@ -10,7 +10,8 @@ Two cached artefacts, both under `$LLAMA_E_CACHE` (default `~/.cache/llama_e_jax
 * the GGUF itself (`ensure_default_gguf`), what `gguf_file.load_gguf` / `tokenizer.load_tokenizer` read;
 * an HF-format directory converted from it once (`ensure_default_hf_dir`): config.json, fp32
   model.safetensors of the dequantised weights, and the tokenizer files with the ChatML template.
-  transformers loads it (tests compare against it), and so does `weights.load_hf_checkpoint`.
+  `io.load.load_model()` starts from it (0.9 s instead of 13.5 s to dequantise and rebuild the
+  tokenizer), transformers loads it (tests compare against it).
 
 Everything is written to a temporary name and renamed into place, so an interrupted download or
 conversion never leaves a half-written file that later looks complete.
