@@ -446,3 +446,12 @@ def _save_char_tokenizer(directory: Path) -> None:
     directory.mkdir(parents=True)
     backend.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": '"', "add_bos_token": False}))
+
+
+def test_an_admission_is_prefilled_in_power_of_two_parts_without_padding_rows():
+    assert session.power_of_two_parts(7) == [4, 2, 1]
+    assert session.power_of_two_parts(16) == [16]
+    for count in range(1, 40):
+        parts = session.power_of_two_parts(count)
+        assert sum(parts) == count and parts == sorted(set(parts), reverse=True)
+        assert all(kernels.bucket(part) == part for part in parts)  # each part is its own prefill shape
