@@ -137,10 +137,9 @@ def load_config(model: str | None = None, *, dtype: str = "float32", param_dtype
 
 def _load_base(model: str | None, param_dtype: str, mesh: Mesh | None) -> tuple[LlamaConfig, dict, Path | None, str]:
     """(config, params, checkpoint path or None for presets, description)."""
-    if model is None:
-        path = ensure_default_hf_dir()
-        config = LlamaConfig.from_hf_dir(path, param_dtype=np.dtype(param_dtype).name)
-        return config, _load_hf(path, config, mesh), path, f"{DEFAULT_MODEL_NAME} (embedded default)"
+    if model is None:  # its converted HF copy, read as any HF directory is
+        config, params, path, _ = _load_base(str(ensure_default_hf_dir()), param_dtype, mesh)
+        return config, params, path, f"{DEFAULT_MODEL_NAME} (embedded default)"
     path = Path(model)
     if path.suffix == ".gguf" and path.is_file():
         config, params = gguf_file.load_gguf(path, dtype=param_dtype)

@@ -6,23 +6,16 @@ Design choices and why:
   compiles as fast as a 2-layer one) and every per-layer weight is one [L, ...] array — which is also
   what the sharding rules and checkpoint readers index.
 * Rematerialisation is a config choice (`remat_policy`), applied to the block before scanning.
-* Without a cache, attention goes through `jax.nn.dot_product_attention`, so GPUs get cuDNN flash
-  attention for plain causal batches; packed sequences (segment ids) and KV caches use an explicit
-  boolean mask built from positions and segment ids, which is exact for both. On CPU the same
-  attention runs heads-major instead (the cache's layout, `_cached_attention`): XLA:CPU copied the
-  [B, K, T, G, S] scores of dot_product_attention's GQA layout several times per layer under
-  autodiff (issue 15).
-* Rotary embeddings use HF's rotate-half layout (checkpoints load without permutation), with
-  `rope_theta` and Llama-3 / linear `rope_scaling` from the config.
+* Attention math (rotary embeddings, masks, the cache write, the heads-major path XLA:CPU runs and
+  jax.nn.dot_product_attention elsewhere) lives in attention.py; this module is the model's
+  structure: which layers, which layer loop, which cache layout.
 * One forward pass for training, prefill and decoding. With a `KVCache`, the call writes the new
   tokens' keys/values into their cache slots (a token at absolute position p goes to slot p of its
   row, so the mask is simply `slot < length and slot <= query position`) and attends over the cache;
   generate/ calls this same `apply` for its prefill and its decode step.
-* The cache keeps the un-repeated key/value heads (GQA) heads-major, [B, K, S, Dh] per layer. With
-  K before S each (row, kv head) is one contiguous [S, Dh] block, so decode attention (q·Kᵀ, then
-  p·V, batched over rows and kv heads) is a plain batched matmul; with [B, S, K, Dh] XLA first
-  transposes — copies — the whole cache every step. Training (no cache) keeps
-  `jax.nn.dot_product_attention` on [B, T, N, Dh].
+* The cache keeps the un-repeated key/value heads (GQA) heads-major, [B, K, S, Dh] per layer: each
+  (row, kv head) is one contiguous [S, Dh] block, so decode attention is a plain batched matmul
+  (with [B, S, K, Dh] XLA first copies the whole cache every step).
 * Layers run either as `nn.scan` over stacked [L, ...] weights (`layer_loop="scan"`, the default:
   training, compile time independent of depth) or unrolled (`layer_loop="unroll"`: params
   `layers/0`, `layers/1`, ... from `split_layers`, one cache array per layer). Decoding wants
@@ -46,7 +39,6 @@ Loss functions live with training; this module returns logits, only at `logits_a
 from __future__ import annotations
 
 import functools
-import math
 
 import flax.linen as nn
 import flax.struct
@@ -56,7 +48,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
-from llama_e_jax.model import sharding
+from llama_e_jax.model import attention, sharding
 from llama_e_jax.model.config import LlamaConfig
 from llama_e_jax.model.lora import LoraConfig, LoraLinear
 
@@ -139,41 +131,6 @@ def is_unrolled(params: dict) -> bool:
     return "0" in params["layers"]
 
 
-# ----------------------------------------------------------------------------- rotary embeddings
-
-
-def rope_inverse_frequencies(config: LlamaConfig) -> np.ndarray:  # [Dh // 2] float32
-    """Per-pair rotation frequencies, rescaled as the config's rope_scaling says."""
-    exponents = np.arange(0, config.head_dim, 2, dtype=np.float64) / config.head_dim
-    inv_freq = 1.0 / (config.rope_theta**exponents)
-    scaling = config.rope_scaling
-    if scaling is None:
-        return inv_freq.astype(np.float32)
-    if scaling.rope_type == "linear":
-        return (inv_freq / scaling.factor).astype(np.float32)
-    # "llama3": keep short wavelengths, divide long ones by factor, interpolate smoothly in between.
-    low_freq_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
-    high_freq_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor
-    )
-    interpolated = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
-    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
-    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
-    return np.where(is_medium, interpolated, scaled).astype(np.float32)
-
-
-def apply_rotary(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotates heads in HF's rotate-half layout. x: [B, T, N, Dh], positions: [B, T]."""
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, Dh/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, Dh]
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
-
-
 # ----------------------------------------------------------------------------- layers
 
 
@@ -188,22 +145,6 @@ class RMSNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return normed.astype(self.dtype) * scale.astype(self.dtype)
-
-
-@flax.struct.dataclass
-class AttentionContext:
-    """What every layer's attention needs besides its input, shared across the scan.
-
-    positions: [B, T] absolute positions of the query tokens.
-    mask: [B, 1, T, S] boolean, True where a query may attend a key; None means plain causal.
-    cache_slots: [B, T] slot each new token is written to (only when decoding with a cache).
-    adapter: [B] int32 each row's slot in the stacked adapter tables (adapter_stack.py), or None.
-    """
-
-    positions: jax.Array
-    mask: jax.Array | None
-    cache_slots: jax.Array | None
-    adapter: jax.Array | None = None
 
 
 def _projection(config: LlamaConfig, lora: LoraConfig | None, path: str, features: int, deterministic: bool):
@@ -224,14 +165,6 @@ def _pin(x: jax.Array, kind: str, mesh: Mesh | None) -> jax.Array:
     return x if mesh is None else sharding.constrain(x, kind, mesh)
 
 
-def _attention_implementation(config: LlamaConfig, mask: jax.Array | None) -> str:
-    if config.attention_impl != "auto":
-        return config.attention_impl
-    on_gpu = jax.default_backend() == "gpu"
-    half_precision = jnp.dtype(config.dtype) in (jnp.bfloat16, jnp.float16)
-    return "cudnn" if on_gpu and half_precision and mask is None else "xla"
-
-
 class Attention(nn.Module):
     config: LlamaConfig
     lora: LoraConfig | None
@@ -240,7 +173,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, context: AttentionContext, cache_kv: tuple[jax.Array, jax.Array] | None
+        self, x: jax.Array, context: attention.AttentionContext, cache_kv: tuple[jax.Array, jax.Array] | None
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:  # x: [B, T, D]
         c = self.config
         batch, length, _ = x.shape
@@ -249,98 +182,25 @@ class Attention(nn.Module):
         q = proj("attn/q_proj", c.num_heads * c.head_dim)(x, rows).reshape(batch, length, c.num_heads, c.head_dim)
         k = proj("attn/k_proj", c.num_kv_heads * c.head_dim)(x, rows).reshape(batch, length, c.num_kv_heads, c.head_dim)
         v = proj("attn/v_proj", c.num_kv_heads * c.head_dim)(x, rows).reshape(batch, length, c.num_kv_heads, c.head_dim)
-        inv_freq = rope_inverse_frequencies(c)
-        q = _pin(apply_rotary(q, context.positions, inv_freq), "heads", self.mesh)
-        k = _pin(apply_rotary(k, context.positions, inv_freq), "heads", self.mesh)
+        inv_freq = attention.rope_inverse_frequencies(c)
+        q = _pin(attention.apply_rotary(q, context.positions, inv_freq), "heads", self.mesh)
+        k = _pin(attention.apply_rotary(k, context.positions, inv_freq), "heads", self.mesh)
         v = _pin(v, "heads", self.mesh)
 
         if cache_kv is not None:
-            cache_kv = _write_cache(cache_kv, k, v, context.cache_slots)
-            out = _cached_attention(q, *cache_kv, context.mask)
-        elif _heads_major_without_cache(c, context.mask):
-            out = _uncached_heads_major_attention(q, k, v, context.mask)  # [B, T, H, Dh]
+            cache_kv = attention.write_cache(cache_kv, k, v, context.cache_slots)
+            out = attention.cached_attention(q, *cache_kv, context.mask)
+        elif attention.heads_major_without_cache(c, context.mask):
+            out = attention.uncached_heads_major_attention(q, k, v, context.mask)  # [B, T, H, Dh]
         else:
             out = jax.nn.dot_product_attention(
                 q, k.astype(q.dtype), v.astype(q.dtype),
                 mask=context.mask,
                 is_causal=context.mask is None,
-                implementation=_attention_implementation(c, context.mask),
+                implementation=attention.implementation(c, context.mask),
             )  # [B, T, H, Dh]
         out = _pin(out, "heads", self.mesh).reshape(batch, length, c.num_heads * c.head_dim)
         return proj("attn/o_proj", c.hidden_size)(out, rows), cache_kv
-
-
-def _write_cache(
-    cache_kv: tuple[jax.Array, jax.Array], k: jax.Array, v: jax.Array, slots: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """Scatters new keys/values [B, T, K, Dh] into cache rows [B, K, S, Dh] at slots [B, T].
-
-    Slot S (padding, inactive rows) is out of range and dropped. Only the new rows are written: with
-    the cache donated, XLA updates it in place.
-    """
-    cache_k, cache_v = cache_kv
-    rows = jnp.arange(k.shape[0])[:, None]  # [B, 1]; (rows, :, slots) indexes [B, T, K, Dh]
-    return (
-        cache_k.at[rows, :, slots].set(k.astype(cache_k.dtype), mode="drop"),
-        cache_v.at[rows, :, slots].set(v.astype(cache_v.dtype), mode="drop"),
-    )
-
-
-_LARGE_NEGATIVE = -0.7 * float(np.finfo(np.float32).max)
-
-
-def _cached_attention(
-    q: jax.Array,  # [B, T, H, Dh]
-    keys: jax.Array,  # [B, K, S, Dh]
-    values: jax.Array,  # [B, K, S, Dh]
-    mask: jax.Array,  # [B, 1, T, S]
-) -> jax.Array:  # [B, T, H, Dh]
-    """Attention over the heads-major cache, as jax.nn.dot_product_attention's XLA path computes it:
-    fp32 logits and softmax, probabilities in the cache dtype. Query head h reads kv head h // G
-    (HF's repeat_kv order), so the G query heads of a kv head form one batched matmul with it."""
-    batch, length, num_heads, head_dim = q.shape
-    num_kv_heads = keys.shape[1]
-    group = num_heads // num_kv_heads
-    # The T x G queries of a kv head as one [T*G, Dh] block: dot_general's natural operand and output
-    # orders, so that a decode step (T = 1) has no transposes (XLA:CPU copies for them otherwise).
-    q = q.reshape(batch, length, num_kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
-    q = q.reshape(batch, num_kv_heads, length * group, head_dim)
-    scores = jnp.einsum("bkqd,bksd->bkqs", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
-    scores = scores * jnp.float32(head_dim**-0.5)
-    scores = jnp.where(jnp.repeat(mask, group, axis=2), scores, _LARGE_NEGATIVE)  # [B, K, T*G, S]
-    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, values).reshape(batch, num_kv_heads, length, group, head_dim)
-    out = out.transpose(0, 2, 1, 3, 4)  # [B, T, K, G, Dh]
-    return out.reshape(batch, length, num_heads, head_dim).astype(q.dtype)
-
-
-def _heads_major_without_cache(config: LlamaConfig, mask: jax.Array | None) -> bool:
-    """Whether attention without a cache (training, scoring, perplexity) goes heads-major: on CPU,
-    where XLA would run it.
-
-    jax.nn.dot_product_attention's XLA path lays GQA scores out as [B, K, T, G, S] and, under autodiff,
-    transposes (copies) them and the probabilities several times per layer: in a CPU training step
-    (SmolLM2, 4 x 256) those copies cost more than the attention matmuls themselves (issue 15). The
-    heads-major formulation keeps every matmul in dot_general's natural order. Other backends keep
-    jax.nn.dot_product_attention (cuDNN on GPU, XLA's own choices on TPU), unmeasured otherwise."""
-    return jax.default_backend() == "cpu" and _attention_implementation(config, mask) == "xla"
-
-
-def _uncached_heads_major_attention(
-    q: jax.Array,  # [B, T, H, Dh]
-    k: jax.Array,  # [B, T, K, Dh]
-    v: jax.Array,  # [B, T, K, Dh]
-    mask: jax.Array | None,  # [B, 1, T, T] or None (plain causal)
-) -> jax.Array:  # [B, T, H, Dh]
-    """Training attention through `_cached_attention` (same fp32 logits and softmax as the XLA path):
-    keys and values moved heads-major once ([B, K, T, Dh], small copies), the causal mask built when
-    none is given."""
-    if mask is None:
-        length = q.shape[1]
-        mask = jnp.tril(jnp.ones((length, length), jnp.bool_))[None, None]  # [1, 1, T, T]
-        mask = jnp.broadcast_to(mask, (q.shape[0], 1, length, length))
-    keys, values = (x.astype(q.dtype).transpose(0, 2, 1, 3) for x in (k, v))
-    return _cached_attention(q, keys, values, mask)
 
 
 class MLP(nn.Module):
@@ -368,7 +228,7 @@ class Block(nn.Module):
     mesh: Mesh | None = None  # pins the residual stream to the batch split (see _pin)
 
     @nn.compact
-    def __call__(self, h: jax.Array, cache_kv, context: AttentionContext):
+    def __call__(self, h: jax.Array, cache_kv, context: attention.AttentionContext):
         c = self.config
         norm = functools.partial(
             RMSNorm, c.rms_norm_eps, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype)
@@ -419,7 +279,7 @@ class UnrolledBlocks(nn.Module):
     mesh: Mesh | None = None
 
     @nn.compact
-    def __call__(self, h: jax.Array, caches, context: AttentionContext):
+    def __call__(self, h: jax.Array, caches, context: attention.AttentionContext):
         """caches: None or (keys, values), each a tuple of L [B, K, S, Dh] arrays."""
         traced_once = not self.is_initializing() and self.deterministic
         block = _block_class(self.config)
@@ -452,18 +312,6 @@ def _apply_block(config: LlamaConfig, lora: LoraConfig | None, mesh: Mesh | None
     """
     block = _block_class(config)(config, lora, True, mesh)
     return jax.jit(lambda variables, h, cache_kv, context: block.apply(variables, h, cache_kv, context))
-
-
-def attention_mask(
-    query_positions: jax.Array,  # [B, T]
-    query_segments: jax.Array,  # [B, T]
-    key_positions: jax.Array,  # [B, S]
-    key_segments: jax.Array,  # [B, S], 0 marks padding / empty cache slots
-) -> jax.Array:  # [B, 1, T, S] bool
-    """Causal attention within a segment: same non-zero segment and key position ≤ query position."""
-    same_segment = query_segments[:, :, None] == key_segments[:, None, :]
-    causal = key_positions[:, None, :] <= query_positions[:, :, None]
-    return (same_segment & causal & (key_segments[:, None, :] != 0))[:, None]
 
 
 class Llama(nn.Module):
@@ -536,9 +384,9 @@ class Llama(nn.Module):
             positions = jnp.broadcast_to(positions, (batch, length))
         if kv_cache is None:
             if segment_ids is None:
-                return AttentionContext(positions, None, None), None, None
-            mask = attention_mask(positions, segment_ids, positions, segment_ids)
-            return AttentionContext(positions, mask, None), None, None
+                return attention.AttentionContext(positions, None, None), None, None
+            mask = attention.attention_mask(positions, segment_ids, positions, segment_ids)
+            return attention.AttentionContext(positions, mask, None), None, None
         # With a cache, keys are cache slots; slot s is valid once written, i.e. s < new length.
         segments = segment_ids if segment_ids is not None else jnp.ones_like(input_ids)
         slots = jnp.where(segments != 0, positions, kv_cache.max_length)  # padding writes nowhere
@@ -546,8 +394,8 @@ class Llama(nn.Module):
         new_lengths = jnp.maximum(kv_cache.lengths, written_end).astype(jnp.int32)
         key_positions = jnp.broadcast_to(jnp.arange(kv_cache.max_length, dtype=jnp.int32), (batch, kv_cache.max_length))
         key_segments = (key_positions < new_lengths[:, None]).astype(jnp.int32)
-        mask = attention_mask(positions, jnp.ones_like(segments), key_positions, key_segments)
-        return AttentionContext(positions, mask, slots), (kv_cache.keys, kv_cache.values), new_lengths
+        mask = attention.attention_mask(positions, jnp.ones_like(segments), key_positions, key_segments)
+        return attention.AttentionContext(positions, mask, slots), (kv_cache.keys, kv_cache.values), new_lengths
 
 
 def _tied_logits(embed: nn.Embed, h: jax.Array) -> jax.Array:  # [..., D] -> [..., V]
